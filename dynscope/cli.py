@@ -1,0 +1,241 @@
+"""Command-line interface: a thin layer over the Python API that computes nothing itself.
+
+Every user error ends as one `Error: ...` line on stderr with exit code 2; a failed write exits
+with 1, a diverged run with 3, an interrupted one with 130 (SIGINT) or 143 (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dynscope import __version__
+from dynscope.config import (
+    ACTIVATIONS,
+    CLASS_ORDERS,
+    DTYPES,
+    INITS,
+    LOSSES,
+    OPTIMIZERS,
+    PARAM_DTYPES,
+    SCHEDULES,
+    SPECTRA,
+    RecordConfig,
+    load_toml,
+)
+
+# Help text of each record option; the option names are the RecordConfig field names.
+OPTION_HELP = {
+    "steps": "Number of training steps.",
+    "seed": "Seed of the data, the initialisation and the mini-batches.",
+    "dataset": "spiral, moons, circles, digits, iris, wine, breast_cancer, or a CSV/NPZ/netCDF path.",
+    "classes": "Number of spiral arms (classes) for the generated spiral.",
+    "points_per_class": "Training points per class of a generated dataset.",
+    "revolutions": "Spiral revolutions (in half turns of pi, as in the spiral formula).",
+    "noise": "Noise of a generated dataset (angular noise for the spiral).",
+    "val_fraction": "Share of a real or user dataset held out for validation.",
+    "width": "Hidden units per layer.",
+    "depth": "Number of hidden layers (0 gives a linear model).",
+    "activation": "Hidden activation: " + ", ".join(ACTIVATIONS) + ".",
+    "init": "Initialisation: " + ", ".join(INITS) + ".",
+    "dtype": "Floating-point type of the model: " + ", ".join(DTYPES) + ".",
+    "loss": "Loss: " + ", ".join(LOSSES) + ".",
+    "amplitude": "Amplitude A >= 1 of the class-weight oscillation (1 is static).",
+    "period": "Period T of the oscillation, in steps.",
+    "schedule": "Shape of the focus weight over a period: " + ", ".join(SCHEDULES) + ".",
+    "static_tail": "Train the last N steps with the static loss (Gamma = 1).",
+    "class_order": "Order of the focus classes: " + ", ".join(CLASS_ORDERS) + ".",
+    "optimizer": "Optimiser: " + ", ".join(OPTIMIZERS) + " (gd is full-batch).",
+    "lr": "Learning rate.",
+    "batch_size": "Mini-batch size for sgd (0 is full batch).",
+    "momentum": "Heavy-ball momentum in [0, 1).",
+    "hessian_every": "Probe the Hessian every N steps (0 turns probes off).",
+    "spectrum": "Hessian spectrum per probe: " + ", ".join(SPECTRA) + ".",
+    "topk": "Number of top eigenvalues for --spectrum topk.",
+    "eigenvectors": "Number of top Hessian eigenvectors stored per probe.",
+    "ntk": "Number of top eigenvalues of the empirical neural tangent kernel per probe.",
+    "snapshot_every": "Store the parameters every N steps (0 turns snapshots off).",
+    "flush_every": "Make rows durable every N steps.",
+    "compression": "zlib compression level of the record, 0 to 9.",
+    "param_projection": "Store parameter snapshots projected to K random dimensions (0 = off).",
+    "param_dtype": "Type of stored parameter snapshots: " + ", ".join(PARAM_DTYPES) + ".",
+    "device": "Torch device: cpu, cuda or cuda:N.",
+}
+
+EXIT_USAGE = 2
+EXIT_WRITE_FAILED = 1
+
+
+def _run_safely(action: Callable[[], int | None]) -> None:
+    """Run a command body and turn user errors into one line and an exit code."""
+    try:
+        code = action()
+    except (ValueError, click.BadParameter) as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OSError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(EXIT_WRITE_FAILED)
+    sys.exit(code or 0)
+
+
+def _record_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one option per RecordConfig field, all defaulting to None (unset)."""
+    for field in reversed([f for f in fields(RecordConfig) if f.name != "extra"]):
+        name = "--" + field.name.replace("_", "-")
+        kind: Any = {int: int, float: float, str: str}.get(type(field.default), str)
+        function = click.option(
+            name, field.name, type=kind, default=None, help=OPTION_HELP[field.name]
+        )(function)
+    return function
+
+
+@click.group()
+@click.version_option(__version__, prog_name="dynscope")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress messages to stderr.")
+def main(verbose: bool) -> None:
+    """Train networks under dynamical losses and analyse training as a dynamical system."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(), help="TOML file of option values.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Record file to write.")
+@click.option("--force", is_flag=True, help="Overwrite an existing record.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted record from its last flush.")
+@click.option("--quiet", is_flag=True, help="Hide the progress bar.")
+@_record_options
+def record(
+    config_path: str | None, output: str, force: bool, resume: bool, quiet: bool, **options: Any
+) -> None:
+    """Train one network and record every step into a netCDF file."""
+
+    def action() -> int:
+        from dynscope.recorder import record as run_record
+
+        values: dict[str, Any] = load_toml(config_path) if config_path else {}
+        values.update({k: v for k, v in options.items() if v is not None})
+        config = RecordConfig.from_dict(values).validate()
+        if resume and force:
+            raise ValueError("--resume and --force contradict each other; pass only one")
+
+        result = run_record(config, output, force=force, resume=resume, quiet=quiet)
+        if result.status == "diverged":
+            click.echo(
+                f"Error: training diverged at step {result.last_step + 1} "
+                f"(loss = {result.diverged_value}); steps before it are kept in {result.path}. "
+                "Lower --lr or the amplitude.",
+                err=True,
+            )
+        elif result.status == "interrupted":
+            click.echo(
+                f"Interrupted by {result.signal_name} after step {result.last_step}; "
+                f"continue with: dynscope record --resume -o {result.path}",
+                err=True,
+            )
+        else:
+            click.echo(
+                f"Recorded {result.last_step + 1} steps to {result.path} in "
+                f"{result.wall_time:.1f} s ({result.steps_per_second:.0f} steps/s)",
+                err=True,
+            )
+        return result.exit_code
+
+    _run_safely(action)
+
+
+@main.command()
+@click.argument("records", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the results.")
+@click.option(
+    "--control",
+    default=None,
+    help="Swept parameter for a bifurcation diagram across runs (lr, amplitude, width ...).",
+)
+@click.option("--quiet", is_flag=True, help="Do not print the summary.")
+def analyze(records: tuple[str, ...], output: str, control: str | None, quiet: bool) -> None:
+    """Analyse one record (or several, across a swept parameter) into OUTPUT."""
+
+    def action() -> int:
+        from dynscope.analysis import report
+
+        out_dir = Path(output)
+        paths = _expand_records(records)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if len(paths) == 1 and control is None:
+            summary = report.analyze_record(paths[0], out_dir)
+        else:
+            summary = report.analyze_runs(paths, out_dir, control=control or "lr")
+        if not quiet:
+            click.echo(report.format_summary(summary))
+        return 0
+
+    _run_safely(action)
+
+
+def _expand_records(records: tuple[str, ...]) -> list[Path]:
+    """Expand folders into the records they contain, in name order."""
+    paths: list[Path] = []
+    for name in records:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(path.glob("*.nc"))
+            if not found:
+                raise ValueError(f"no records (*.nc) found in folder {path}")
+            paths.extend(found)
+        elif not path.exists():
+            raise ValueError(f"record not found: {path}; check the path")
+        else:
+            paths.append(path)
+    return paths
+
+
+@main.command()
+@click.argument("record_path", metavar="RECORD", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
+def info(record_path: str, as_json: bool) -> None:
+    """Print the status, config, steps recorded and variable sizes of a record."""
+
+    def action() -> int:
+        from dynscope import store
+
+        details = store.record_info(record_path)
+        if as_json:
+            click.echo(json.dumps(details.to_dict(), indent=2, default=str))
+        else:
+            click.echo(details.format())
+        return 0
+
+    _run_safely(action)
+
+
+@main.command()
+@click.argument("system", type=click.Choice(["logistic-map", "double-well"]))
+@click.option("--max-doublings", default=4, show_default=True, help="Doublings to locate.")
+def groundtruth(system: str, max_doublings: int) -> None:
+    """Locate the period doublings of a system whose answer is known, and print them as JSON."""
+
+    def action() -> int:
+        from dynscope.analysis import ground_truth
+
+        result = ground_truth.run_ground_truth(
+            system.replace("-", "_"), max_doublings=max_doublings
+        )
+        click.echo(json.dumps(result, indent=2))
+        return 0
+
+    _run_safely(action)
+
+
+if __name__ == "__main__":
+    main()
