@@ -35,7 +35,7 @@ from dynscope.config import (
 OPTION_HELP = {
     "steps": "Number of training steps.",
     "seed": "Seed of the data, the initialisation and the mini-batches.",
-    "dataset": "spiral, moons, circles, digits, iris, wine, breast_cancer, or a CSV/NPZ/netCDF path.",
+    "dataset": "Dataset: spiral, moons, circles, digits, iris, wine, breast_cancer or a file.",
     "classes": "Number of spiral arms (classes) for the generated spiral.",
     "points_per_class": "Training points per class of a generated dataset.",
     "revolutions": "Spiral revolutions (in half turns of pi, as in the spiral formula).",
