@@ -1,0 +1,218 @@
+"""Compute the curvature of a loss at a parameter point: Hessian, spectra, traces and the NTK.
+
+The model is treated as a pure function of one flat parameter vector, flattened in
+``model.parameters()`` order (weight before bias within each ``nn.Linear``). `hessian` returns the
+exact dense (P, P) Hessian of the loss in the parameters' dtype. For a `dynscope.models.MLP`
+under one of the five dynscope losses it assembles the Hessian layer by layer from closed forms;
+for any other module or loss it falls back to ``torch.func.hessian``, which is exact but slower.
+
+`probe` is what the recorder calls every ``hessian_every`` steps. ``spectrum="full"``
+diagonalises the dense Hessian (memory P^2, time P^3, so it suits networks up to roughly 10^4
+parameters); ``spectrum="topk"`` runs Lanczos on Hessian-vector products and never forms the
+Hessian. Eigenvalues are sorted descending by value, so "top" means the largest algebraic
+eigenvalues, not the largest in magnitude.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dynscope import losses
+
+logger = logging.getLogger(__name__)
+
+LossFunction = Callable[..., Tensor]
+"""A `dynscope.losses.ClassificationLoss` or any callable ``(outputs, targets) -> scalar``."""
+
+SPECTRA = ("full", "topk")
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Eigenvalues of a Hessian at one probe, with optional eigenvectors and residuals.
+
+    Attributes
+    ----------
+    eigenvalues
+        float64 eigenvalues sorted descending (all P for a full spectrum, k for top-k).
+    eigenvectors
+        float64 array (k, P) whose rows are unit eigenvectors in the order of ``eigenvalues``,
+        or None when none were requested.
+    trace
+        Trace of the Hessian: exact for a full spectrum and for an MLP, otherwise a Hutch++
+        estimate (see ``method``).
+    residuals
+        Residual norms ``||H v - lambda v||`` of the returned eigenpairs (Lanczos), or None.
+    method
+        How the values were computed, for example ``"eigvalsh"`` or ``"lanczos"``.
+    """
+
+    eigenvalues: np.ndarray
+    eigenvectors: np.ndarray | None
+    trace: float
+    residuals: np.ndarray | None
+    method: str
+
+    @property
+    def sharpness(self) -> float:
+        """The largest eigenvalue."""
+        return float(self.eigenvalues[0])
+
+
+def hessian(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    inputs: Tensor,
+    targets: Tensor,
+    step: int = 0,
+) -> Tensor:
+    """Compute the exact Hessian of the loss with respect to the flat parameter vector.
+
+    Parameters
+    ----------
+    model
+        The network; it must be a pure function of its parameters (see
+        `dynscope.models.check_functional`).
+    loss_fn
+        A `dynscope.losses.ClassificationLoss`, called with ``step``, or any callable
+        ``(outputs, targets) -> scalar Tensor``.
+    inputs, targets
+        The whole batch the loss is evaluated on. Inputs are converted to the parameters' dtype.
+    step
+        Training step, which sets the class weights of a dynamical loss.
+
+    Returns
+    -------
+    torch.Tensor
+        The symmetric (P, P) Hessian in the parameters' dtype, parameters flattened in
+        ``model.parameters()`` order.
+    """
+    return dense_hessian(model, loss_fn, inputs, targets, step)
+
+
+def dense_hessian(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    inputs: Tensor,
+    targets: Tensor,
+    step: int = 0,
+) -> Tensor:
+    """Compute the exact Hessian with ``torch.func.hessian`` for any module and loss.
+
+    Parameters and returns are those of `hessian`. This is the reference path: it works for any
+    differentiable module and loss, and costs about P forward-over-reverse passes.
+    """
+    loss_of_flat, flat = _flat_loss(model, loss_fn, inputs, targets, step)
+    result = torch.func.hessian(loss_of_flat)(flat)
+    return result.detach()
+
+
+def probe(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    inputs: Tensor,
+    targets: Tensor,
+    step: int,
+    *,
+    spectrum: str = "full",
+    topk: int = 10,
+    eigenvectors: int = 0,
+    previous: Spectrum | None = None,
+) -> Spectrum:
+    """Measure the Hessian spectrum at the current parameters.
+
+    Parameters
+    ----------
+    model, loss_fn, inputs, targets, step
+        As in `hessian`.
+    spectrum
+        ``"full"``: all P eigenvalues of the dense Hessian; ``"topk"``: the ``topk`` largest by
+        Lanczos on Hessian-vector products.
+    topk
+        Number of eigenvalues for ``spectrum="topk"``.
+    eigenvectors
+        Number of top eigenvectors to return (0 for none).
+    previous
+        The spectrum of the previous probe; its top eigenvector warm-starts Lanczos.
+
+    Returns
+    -------
+    Spectrum
+        Eigenvalues descending, the trace and the requested eigenvectors.
+    """
+    if spectrum not in SPECTRA:
+        raise ValueError(f"invalid spectrum {spectrum!r}: use one of {', '.join(SPECTRA)}")
+    if eigenvectors < 0:
+        raise ValueError(f"invalid eigenvectors {eigenvectors!r}: use a count >= 0")
+    return _full_spectrum(hessian(model, loss_fn, inputs, targets, step), eigenvectors)
+
+
+def _full_spectrum(matrix: Tensor, eigenvectors: int) -> Spectrum:
+    """Diagonalise a dense symmetric matrix in its own dtype, eigenvalues descending."""
+    trace = float(torch.diagonal(matrix).sum())
+    if eigenvectors == 0:
+        values = torch.linalg.eigvalsh(matrix)
+        return Spectrum(
+            eigenvalues=values.flip(0).double().cpu().numpy(),
+            eigenvectors=None,
+            trace=trace,
+            residuals=None,
+            method="eigvalsh",
+        )
+    values, vectors = torch.linalg.eigh(matrix)
+    values = values.flip(0)
+    vectors = vectors.flip(1)[:, :eigenvectors].T
+    return Spectrum(
+        eigenvalues=values.double().cpu().numpy(),
+        eigenvectors=vectors.double().cpu().numpy(),
+        trace=trace,
+        residuals=None,
+        method="eigh",
+    )
+
+
+def _flat_loss(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    inputs: Tensor,
+    targets: Tensor,
+    step: int,
+) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """Return the loss as a function of the flat parameter vector, and the current vector."""
+    named = dict(model.named_parameters())
+    if not named:
+        raise ValueError("model has no parameters: the Hessian needs at least one parameter")
+    names = list(named)
+    shapes = [named[name].shape for name in names]
+    sizes = [named[name].numel() for name in names]
+    flat = torch.cat([named[name].detach().reshape(-1) for name in names])
+    buffers = dict(model.named_buffers())
+    inputs = inputs.to(dtype=flat.dtype, device=flat.device)
+    targets = targets.to(device=flat.device)
+    evaluate = _loss_caller(loss_fn, step)
+
+    def loss_of_flat(vector: Tensor) -> Tensor:
+        pieces = torch.split(vector, sizes)
+        parameters: dict[str, Any] = {
+            name: piece.view(shape)
+            for name, piece, shape in zip(names, pieces, shapes, strict=True)
+        }
+        parameters.update(buffers)
+        outputs = torch.func.functional_call(model, parameters, (inputs,))
+        return evaluate(outputs, targets)
+
+    return loss_of_flat, flat
+
+
+def _loss_caller(loss_fn: LossFunction, step: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """Bind the step of a dynscope loss, so every loss reads ``(outputs, targets) -> scalar``."""
+    if isinstance(loss_fn, losses.ClassificationLoss):
+        return lambda outputs, targets: loss_fn(outputs, targets, step=step)
+    return loss_fn
