@@ -1,0 +1,183 @@
+"""Tests of the command-line interface: each command, bad input, signals and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dynscope import __version__, open_record
+from dynscope.cli import main
+
+SMALL_FLAGS = [
+    "--steps", "40", "--points-per-class", "20", "--width", "12", "--period", "20",
+    "--amplitude", "5", "--lr", "0.5", "--hessian-every", "10", "--snapshot-every", "10",
+    "--flush-every", "10", "--quiet",
+]  # fmt: skip
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dynscope.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_version_prints_package_version() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lr", "-1"], "invalid lr -1.0"),
+        (["--amplitude", "0.5"], "invalid amplitude 0.5"),
+        (["--period", "0"], "invalid period 0"),
+        (["--loss", "hinge"], "invalid loss 'hinge'"),
+    ],
+)
+def test_record_rejects_bad_option(tmp_path: Path, flags: list[str], message: str) -> None:
+    output = tmp_path / "run.nc"
+    result = CliRunner().invoke(main, ["record", *flags, "-o", str(output)])
+
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith(f"Error: {message}")
+    assert not output.exists()
+
+
+def test_record_rejects_missing_folder(tmp_path: Path) -> None:
+    output = tmp_path / "absent" / "run.nc"
+    result = CliRunner().invoke(main, ["record", *SMALL_FLAGS, "-o", str(output)])
+
+    assert result.exit_code == 2
+    assert "output folder not found" in result.output
+    assert not output.parent.exists()
+
+
+def test_record_rejects_existing_file(tmp_path: Path) -> None:
+    output = tmp_path / "run.nc"
+    output.write_text("old")
+    result = CliRunner().invoke(main, ["record", *SMALL_FLAGS, "-o", str(output)])
+
+    assert result.exit_code == 2
+    assert "--force" in result.output
+    assert output.read_text() == "old"
+
+
+def test_record_config_file_and_override(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('loss = "ce"\nsteps = 25\nwidth = 12\npoints_per_class = 20\n')
+    output = tmp_path / "run.nc"
+    result = CliRunner().invoke(
+        main,
+        ["record", "--config", str(config), "--steps", "15", "--hessian-every", "0", "--quiet",
+         "-o", str(output)],
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    record = open_record(output)
+    assert record.sizes["step"] == 15
+    assert json.loads(record.attrs["config"])["loss"] == "ce"
+
+
+def test_info_and_analyze_commands(tmp_path: Path) -> None:
+    output = tmp_path / "run.nc"
+    runner = CliRunner()
+    recorded = runner.invoke(main, ["record", *SMALL_FLAGS, "-o", str(output)])
+    info = runner.invoke(main, ["info", str(output)])
+    analyzed = runner.invoke(main, ["analyze", str(output), "-o", str(tmp_path / "out")])
+
+    assert recorded.exit_code == 0, recorded.output
+    assert info.exit_code == 0, info.output
+    assert "complete" in info.output
+    assert analyzed.exit_code == 0, analyzed.output
+    for name in ("summary.json", "analysis.nc", "overview.png", "bifurcation.png", "spectrum.png"):
+        assert (tmp_path / "out" / name).exists(), name
+
+
+def test_info_rejects_random_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "noise.nc"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    result = _run("info", str(path))
+
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("Error: ")
+
+
+def test_sigterm_then_resume_matches_full_run(tmp_path: Path) -> None:
+    flags = ["--steps", "4000", "--points-per-class", "20", "--width", "12", "--period", "200",
+             "--amplitude", "5", "--lr", "0.5", "--hessian-every", "100",
+             "--snapshot-every", "100", "--flush-every", "50", "--quiet"]  # fmt: skip
+    interrupted = tmp_path / "interrupted.nc"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dynscope.cli", "record", *flags, "-o", str(interrupted)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not Path(str(interrupted) + ".journal").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 143, stderr
+    assert open_record(interrupted).attrs["status"] == "interrupted"
+
+    resumed = _run("record", "--resume", "-o", str(interrupted), "--quiet")
+    full = tmp_path / "full.nc"
+    uninterrupted = _run("record", *flags, "-o", str(full))
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    first = open_record(interrupted)
+    second = open_record(full)
+    assert first.attrs["status"] == "complete"
+    for name in ("loss", "grad_norm", "eigenvalues", "params", "gamma"):
+        np.testing.assert_array_equal(first[name].values, second[name].values)
+
+
+def test_divergence_exits_with_three(tmp_path: Path) -> None:
+    output = tmp_path / "run.nc"
+    result = _run("record", "--loss", "mse", "--lr", "100", "--steps", "300", "--width", "12",
+                  "--points-per-class", "20", "--hessian-every", "0", "--quiet",
+                  "-o", str(output))  # fmt: skip
+
+    assert result.returncode == 3
+    assert "diverged at step" in result.stderr
+    assert open_record(output).attrs["status"] == "diverged"
+
+
+def test_write_failure_exits_with_one(tmp_path: Path) -> None:
+    output = tmp_path / "run.nc"
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000))\n"
+        "from dynscope.cli import main\n"
+        "sys.argv = ['dynscope'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "record", "--steps", "5000", "--width", "12",
+         "--points-per-class", "20", "--hessian-every", "10", "--flush-every", "50",
+         "--quiet", "-o", str(output)],
+        capture_output=True, text=True, timeout=120, env={**os.environ},
+    )  # fmt: skip
+
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("Error: ")
+    assert open_record(output).sizes["step"] > 0
