@@ -82,7 +82,7 @@ def gamma(
         float64 weights that are positive and sum to C: shape (C,) for an integer step, (S, C)
         for an array of S steps.
     """
-    _check_schedule_options(num_classes, amplitude, period, schedule, class_order)
+    _check_schedule_options(num_classes, amplitude, period, schedule, class_order, seed)
     steps = np.asarray(step)
     scalar = steps.ndim == 0
     steps = steps.reshape(-1)
@@ -114,7 +114,12 @@ def gamma(
 
 
 def _check_schedule_options(
-    num_classes: int, amplitude: float, period: int, schedule: Schedule, class_order: str
+    num_classes: int,
+    amplitude: float,
+    period: int,
+    schedule: Schedule,
+    class_order: str,
+    seed: int,
 ) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"invalid num_classes {num_classes!r}: use an integer >= 2")
@@ -131,6 +136,8 @@ def _check_schedule_options(
         raise ValueError(
             f"invalid class_order {class_order!r}: use one of {', '.join(CLASS_ORDERS)}"
         )
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"invalid seed {seed!r}: use an integer in [0, 2**64)")
 
 
 def _focus_class(
@@ -141,15 +148,29 @@ def _focus_class(
     if class_order == "sequential":
         return position
 
-    # One permutation per cycle of C periods, seeded by (seed, cycle), so the order does not
-    # depend on which steps are requested and a resumed run gets the same order.
+    # Each cycle of C periods orders the classes by a 64-bit hash of (seed, cycle, class): a
+    # uniform random permutation per cycle that needs no sequential generator, so the order does
+    # not depend on which steps are requested and a resumed run gets the same order.
     cycle = steps // (period * num_classes)
-    focus = np.empty_like(steps)
-    for index in np.unique(cycle):
-        permutation = np.random.default_rng([seed, int(index)]).permutation(num_classes)
-        in_cycle = cycle == index
-        focus[in_cycle] = permutation[position[in_cycle]]
-    return focus
+    distinct, inverse = np.unique(cycle, return_inverse=True)
+    cycle_keys = _splitmix64(
+        _splitmix64(np.array([seed], dtype=np.uint64)) ^ distinct.astype(np.uint64)
+    )
+    classes = np.arange(num_classes, dtype=np.uint64)
+    keys = _splitmix64(cycle_keys[:, None] + _GOLDEN_GAMMA * (classes[None, :] + np.uint64(1)))
+    permutations = np.argsort(keys, axis=1)
+    return permutations[inverse.reshape(-1), position]
+
+
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """Hash uint64 values with the SplitMix64 finaliser (Steele, Lea and Flood, OOPSLA 2014)."""
+    mixed = values + _GOLDEN_GAMMA
+    mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return mixed ^ (mixed >> np.uint64(31))
 
 
 def _focus_weight(phase: np.ndarray, amplitude: float, schedule: Schedule) -> np.ndarray:
@@ -308,7 +329,7 @@ class _DynamicalLoss(ClassificationLoss):
     ) -> None:
         super().__init__(num_classes)
         self._classes = num_classes
-        _check_schedule_options(num_classes, amplitude, period, schedule, class_order)
+        _check_schedule_options(num_classes, amplitude, period, schedule, class_order, seed)
         if static_tail > 0 and total_steps is None:
             raise ValueError(
                 "missing total_steps: static_tail > 0 needs the length of the run; pass total_steps"

@@ -96,6 +96,16 @@ def test_random_order_permutes_each_cycle():
         assert sorted(cycle.tolist()) == list(range(classes))
 
 
+def test_random_order_uniform_permutations():
+    # 10,000 cycles of 3 classes: each of the 6 orders should appear 1667 +- 3 sigma (111) times.
+    steps = 2 * np.arange(30_000) + 1
+    focus = gamma(steps, 3, 5.0, 2, class_order="random", seed=1).argmax(axis=1)
+    orders, counts = np.unique(focus.reshape(-1, 3), axis=0, return_counts=True)
+    assert len(orders) == 6
+    assert counts.min() > 10_000 / 6 - 111
+    assert counts.max() < 10_000 / 6 + 111
+
+
 def test_random_order_seed_reproducible():
     steps = np.arange(0, 4000, 7)
     first = gamma(steps, 5, 4.0, 10, class_order="random", seed=11)
@@ -152,6 +162,7 @@ def test_gamma_20000_steps_fast():
         ({"class_order": "shuffled"}, "class_order"),
         ({"step": -1}, "step"),
         ({"step": 1.5}, "step"),
+        ({"seed": -1, "class_order": "random"}, "seed"),
         ({"schedule": lambda phase: -1.0}, "raw weight"),
     ],
 )
@@ -384,6 +395,28 @@ def test_second_derivative_matches_finite_differences(name):
     outputs.requires_grad_(True)
     loss = make_loss(name, 3, amplitude=30.0, period=8)
     assert torch.autograd.gradgradcheck(lambda x: loss(x, targets, step=5), (outputs,))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    name=st.sampled_from(LOSSES),
+    num_classes=st.integers(2, 5),
+    num_samples=st.integers(1, 6),
+    step=st.integers(0, 10_000),
+    amplitude=st.floats(1.0, 100.0),
+    period=st.integers(1, 200),
+    schedule=schedules,
+    seed=st.integers(0, 1000),
+)
+def test_gradient_property_finite_differences(
+    name, num_classes, num_samples, step, amplitude, period, schedule, seed
+):
+    outputs, targets = random_batch(num_samples, num_classes, seed)
+    outputs.requires_grad_(True)
+    loss = make_loss(
+        name, num_classes, amplitude, period, resolve(schedule), class_order="random", seed=seed
+    )
+    assert torch.autograd.gradcheck(lambda x: loss(x, targets, step=step), (outputs,))
 
 
 def test_float32_outputs_keep_dtype():
