@@ -273,6 +273,10 @@ class ClassificationLoss(nn.Module):
 
     def __init__(self, num_classes: int | None = None) -> None:
         super().__init__()
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
+            raise ValueError(f"invalid num_classes {num_classes!r}: use an integer >= 2")
         self.num_classes = num_classes
 
     def forward(self, outputs: Tensor, targets: Tensor, step: int = 0) -> Tensor:
@@ -284,13 +288,26 @@ class ClassificationLoss(nn.Module):
 
         ``num_classes`` is needed only for a static loss built without ``num_classes``.
         """
-        classes = self.num_classes if self.num_classes is not None else num_classes
-        if classes is None:
-            raise ValueError(f"loss {self.name!r} was built without num_classes: pass num_classes")
+        classes = self._resolve_classes(num_classes)
         steps = np.asarray(step)
         if steps.ndim == 0:
             return np.ones(classes)
         return np.ones((steps.size, classes))
+
+    def _resolve_classes(self, num_classes: int | None) -> int:
+        """Return C from the loss, checked against the outputs' column count when given."""
+        if self.num_classes is None:
+            if num_classes is None:
+                raise ValueError(
+                    f"loss {self.name!r} was built without num_classes: pass num_classes"
+                )
+            return num_classes
+        if num_classes is not None and num_classes != self.num_classes:
+            raise ValueError(
+                f"outputs have {num_classes} columns but the loss was built for "
+                f"{self.num_classes} classes: build the loss with num_classes={num_classes}"
+            )
+        return self.num_classes
 
     def static(self) -> ClassificationLoss:
         """Return the static counterpart of this loss (itself for a static loss)."""
@@ -328,7 +345,6 @@ class _DynamicalLoss(ClassificationLoss):
         seed: int = 0,
     ) -> None:
         super().__init__(num_classes)
-        self._classes = num_classes
         _check_schedule_options(num_classes, amplitude, period, schedule, class_order, seed)
         if static_tail > 0 and total_steps is None:
             raise ValueError(
@@ -344,14 +360,9 @@ class _DynamicalLoss(ClassificationLoss):
 
     def gamma_at(self, step: int | np.ndarray, num_classes: int | None = None) -> np.ndarray:
         """Return the class weights at a step, (C,), or at an array of S steps, (S, C)."""
-        if num_classes is not None and num_classes != self.num_classes:
-            raise ValueError(
-                f"outputs have {num_classes} columns but the loss was built for "
-                f"{self.num_classes} classes: build the loss with num_classes={num_classes}"
-            )
         return gamma(
             step,
-            self._classes,
+            self._resolve_classes(num_classes),
             self.amplitude,
             self.period,
             schedule=self.schedule,

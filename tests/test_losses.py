@@ -302,6 +302,12 @@ def test_dynamical_loss_wrong_columns():
         DynamicalCrossEntropy(3, 5.0, 10)(outputs, targets, step=1)
 
 
+def test_static_loss_wrong_columns():
+    outputs, targets = random_batch(6, 4, seed=3)
+    with pytest.raises(ValueError, match="num_classes=4"):
+        MSE(3)(outputs, targets)
+
+
 def test_invalid_variant_raises():
     with pytest.raises(ValueError, match="variant"):
         DynamicalMSE(3, 5.0, 10, variant=3)
