@@ -148,9 +148,9 @@ def _focus_class(
     if class_order == "sequential":
         return position
 
-    # Each cycle of C periods orders the classes by a 64-bit hash of (seed, cycle, class): a
-    # uniform random permutation per cycle that needs no sequential generator, so the order does
-    # not depend on which steps are requested and a resumed run gets the same order.
+    # Each cycle of C periods orders the classes by a 64-bit hash of (seed, cycle, class). This
+    # gives a uniform random permutation per cycle without a sequential generator, so the order
+    # does not depend on which steps are requested, and a resumed run gets the same order.
     cycle = steps // (period * num_classes)
     distinct, inverse = np.unique(cycle, return_inverse=True)
     cycle_keys = _splitmix64(
@@ -166,7 +166,7 @@ _GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 
 
 def _splitmix64(values: np.ndarray) -> np.ndarray:
-    """Hash uint64 values with the SplitMix64 finaliser (Steele, Lea and Flood, OOPSLA 2014)."""
+    """Hash uint64 values with the SplitMix64 output function (wrapping 64-bit arithmetic)."""
     mixed = values + _GOLDEN_GAMMA
     mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
