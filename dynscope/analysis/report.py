@@ -1,0 +1,543 @@
+"""Compose the analyses and figures of one record, or of a sweep of records, into a folder.
+
+`analyze_record` writes ``summary.json``, ``analysis.nc`` (period track, bifurcation values,
+per-cycle exploration and curvature) and the figures ``overview.png``, ``bifurcation.png`` and
+``spectrum.png``. `analyze_runs` writes a bifurcation diagram across runs against a swept option.
+Records without curvature probes or parameter snapshots still analyse; their ``curvature``,
+``edge_of_stability`` and ``exploration`` sections are null and ``spectrum.png`` is not drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from dynscope import plots
+from dynscope.analysis.bifurcation import bifurcation_across_runs, bifurcation_in_time
+from dynscope.analysis.exploration import exploration, step_alignment
+from dynscope.analysis.periods import cascades_by_cycle, period_doubling_events, period_track
+from dynscope.analysis.sharpness import curvature_reduction, sharpness
+from dynscope.analysis.stability import edge_of_stability_lag, edge_of_stability_per_cycle
+
+logger = logging.getLogger(__name__)
+
+DYNAMICAL_LOSSES = ("dce", "dmse1", "dmse2")
+FLAT_ATTRIBUTES = ("loss", "lr", "amplitude", "period", "width", "depth", "seed", "dataset")
+
+
+def analyze_record(
+    record: str | Path | xr.Dataset,
+    out_dir: str | Path,
+    *,
+    observable: str = "dF",
+    window: int = 64,
+    max_period: int = 16,
+    rtol: float | None = None,
+    min_duration: int = 32,
+    max_gap: int = 128,
+) -> dict[str, Any]:
+    """Analyse one record and write the summary, the analysis file and the figures.
+
+    Parameters
+    ----------
+    record : str, Path or xarray.Dataset
+        A record path (opened with `dynscope.store.open_record`) or an opened record.
+    out_dir : str or Path
+        Folder for the outputs; created if missing.
+    observable : str
+        Series analysed for periods: "dF" (the one-step change of `loss`) or a per-step
+        variable of the record.
+    window, max_period, rtol : int, int, float
+        Period track settings (see `period_track`).
+    min_duration, max_gap : int
+        Period doubling settings (see `period_doubling_events`).
+
+    Returns
+    -------
+    dict
+        The summary written to ``summary.json``.
+    """
+    dataset, source = _load(record)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    attributes = _flat_attributes(dataset)
+    cycle_period = _cycle_period(attributes)
+
+    steps, series = _observable(dataset, observable)
+    track = period_track(series, window=window, max_period=max_period, rtol=rtol)
+    events = period_doubling_events(track, steps, min_duration=min_duration, max_gap=max_gap)
+    bifurcation = bifurcation_in_time(series, steps, window, name=observable)
+
+    summary: dict[str, Any] = {
+        "record": source,
+        "status": dataset.attrs.get("status"),
+        "config": attributes,
+        "observable": observable,
+        "steps": int(dataset.sizes.get("step", 0)),
+        "loss_final": _last(dataset, "loss"),
+        "period_doubling": [asdict(event) for event in events],
+        "max_period": int(track.max()) if track.size else 0,
+        "final_period": int(track[-1]) if track.size else 0,
+        "cascades": None,
+        "accuracy": {
+            "train_final": _last(dataset, "train_accuracy"),
+            "val_final": _last(dataset, "val_accuracy"),
+        },
+        "curvature": None,
+        "edge_of_stability": None,
+        "exploration": None,
+    }
+    if cycle_period is not None:
+        cycles = cascades_by_cycle(
+            track, steps, cycle_period, min_duration=min_duration, max_gap=max_gap
+        )
+        summary["cascades"] = [asdict(cycle) for cycle in cycles]
+
+    bifurcation = bifurcation.rename({"value": "bifurcation_value", "period": "window_period"})
+    parts = [_track_dataset(steps, series, track, observable), bifurcation]
+    probes = _probes(dataset)
+    if probes is not None:
+        probe_steps, eigenvalues, trace, lr = probes
+        result = sharpness(probe_steps, eigenvalues[:, 0], lr, trace=trace, period=cycle_period)
+        summary["curvature"] = {
+            "edge": result.edge_final,
+            "lambda_max_final": result.lambda_max_final,
+            "fraction_above_edge": result.fraction_above_edge,
+            "first_crossing_step": result.first_crossing_step,
+            "trace_final": result.trace_final,
+            "lambda_max_cycle_end": result.lambda_max_cycle_end.tolist(),
+        }
+        summary["edge_of_stability"] = _edge_of_stability(
+            probe_steps, result.lambda_max, result.edge, track, steps, cycle_period,
+            min_duration=min_duration, max_gap=max_gap,
+        )  # fmt: skip
+        parts.append(_curvature_dataset(result))
+
+    snapshots = _snapshots(dataset)
+    if snapshots is not None:
+        snapshot_steps, params = snapshots
+        measured = exploration(params, snapshot_steps, cycle_period)
+        summary["exploration"] = {
+            "path_length": measured.path_length,
+            "displacement": measured.displacement,
+            "effective_dimension": measured.effective_dimension,
+            "path_length_per_cycle": measured.path_length_per_cycle.tolist(),
+            "displacement_per_cycle": measured.displacement_per_cycle.tolist(),
+        }
+        parts.append(_exploration_dataset(measured, snapshot_steps))
+        if "top_eigenvectors" in dataset and probes is not None:
+            alignment = step_alignment(
+                params, snapshot_steps, dataset["top_eigenvectors"].values, probes[0]
+            )
+            summary["exploration"]["mean_share_along_top"] = _nan_mean(alignment.along)
+
+    analysis = xr.merge(parts, join="outer", combine_attrs="drop_conflicts")
+    analysis.attrs = {"source": source, "observable": observable, "window": window}
+    analysis.to_netcdf(out_dir / "analysis.nc")
+    summary["files"] = _draw_record_figures(dataset, out_dir, steps, series, probes)
+    summary["files"].insert(0, "analysis.nc")
+    summary["files"].insert(0, "summary.json")
+
+    summary = _json_ready(summary)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info("analysed %s into %s", source, out_dir)
+    return summary
+
+
+def analyze_runs(
+    records: Sequence[str | Path | xr.Dataset],
+    out_dir: str | Path,
+    control: str,
+    *,
+    observable: str = "dF",
+    window: int = 64,
+    max_period: int = 32,
+    rtol: float | None = None,
+) -> dict[str, Any]:
+    """Draw a bifurcation diagram across runs against a swept option, and compare sharpness.
+
+    Each run contributes the last `window` values of the observable; `control` is read from the
+    record attributes (or the config JSON). Writes ``runs.nc``, ``bifurcation_runs.png`` and
+    ``summary.json`` into `out_dir` and returns the summary.
+    """
+    if not records:
+        raise ValueError("no records given: pass at least one record path")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    runs: list[dict[str, Any]] = []
+    windows = []
+    for record in records:
+        dataset, source = _load(record)
+        attributes = _flat_attributes(dataset)
+        value = attributes.get(control)
+        if value is None:
+            raise ValueError(
+                f"record {source} has no option {control!r}: pass --control with an option the "
+                "records were swept over (lr, amplitude, width ...)"
+            )
+        _, series = _observable(dataset, observable)
+        final = np.full(window, np.nan)
+        tail = series[-window:]
+        final[window - tail.size :] = tail
+        windows.append(final)
+        probes = _probes(dataset)
+        runs.append(
+            {
+                "name": source,
+                "control_value": float(value),
+                "status": dataset.attrs.get("status"),
+                "loss_final": _last(dataset, "loss"),
+                "lambda_max_final": float(probes[1][-1, 0]) if probes is not None else None,
+                **attributes,
+            }
+        )
+
+    diagram = bifurcation_across_runs(
+        windows,
+        [run["control_value"] for run in runs],
+        control,
+        max_period=min(max_period, window // 2),
+        rtol=rtol,
+        name=observable,
+    )
+    for run, period in zip(runs, _periods_in_input_order(runs, diagram), strict=True):
+        run["final_period"] = period
+    diagram.to_netcdf(out_dir / "runs.nc")
+    plots.plot_bifurcation_across_runs(
+        out_dir / "bifurcation_runs.png",
+        diagram[control].values,
+        diagram["value"].values,
+        control=control,
+        ylabel=observable,
+    )
+
+    with_sharpness = [run for run in runs if run["lambda_max_final"] is not None]
+    reductions = curvature_reduction(with_sharpness)
+    summary = _json_ready(
+        {
+            "control": control,
+            "observable": observable,
+            "runs": runs,
+            "curvature_reduction": [asdict(reduction) for reduction in reductions],
+            "files": ["summary.json", "runs.nc", "bifurcation_runs.png"],
+        }
+    )
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Format a summary from `analyze_record` or `analyze_runs` as a few lines of text."""
+    if "runs" in summary:
+        return _format_runs(summary)
+
+    lines = [f"record: {summary.get('record')} ({summary.get('steps')} steps, "
+             f"status {summary.get('status')})"]  # fmt: skip
+    events = summary.get("period_doubling") or []
+    if events:
+        shown = ", ".join(
+            f"{e['from_period']}->{e['to_period']} at {e['step']}" for e in events[:8]
+        )
+        more = f" (+{len(events) - 8} more)" if len(events) > 8 else ""
+        lines.append(f"period doublings of {summary['observable']}: {shown}{more}")
+    else:
+        lines.append(f"period doublings of {summary['observable']}: none")
+    lines.append(f"max period: {summary.get('max_period')}")
+
+    accuracy = summary.get("accuracy") or {}
+    lines.append(
+        f"accuracy: train {_number(accuracy.get('train_final'))}, "
+        f"val {_number(accuracy.get('val_final'))}"
+    )
+    curvature = summary.get("curvature")
+    if curvature:
+        lines.append(
+            f"lambda_max final {_number(curvature['lambda_max_final'])} vs 2/lr "
+            f"{_number(curvature['edge'])}; above the edge at "
+            f"{_number(100 * curvature['fraction_above_edge'], '.1f')}% of probes, first at "
+            f"step {curvature['first_crossing_step']}"
+        )
+    stability = summary.get("edge_of_stability")
+    if stability and stability.get("lag") is not None:
+        lines.append(f"edge of stability: period 2 starts {stability['lag']} steps after crossing")
+    explored = summary.get("exploration")
+    if explored:
+        lines.append(
+            f"exploration: path length {_number(explored['path_length'])}, displacement "
+            f"{_number(explored['displacement'])}"
+        )
+    return "\n".join(lines)
+
+
+def _format_runs(summary: dict[str, Any]) -> str:
+    control = summary["control"]
+    lines = [f"{len(summary['runs'])} runs against {control}:"]
+    for run in summary["runs"]:
+        lines.append(
+            f"  {control}={_number(run['control_value'])}: final period {run['final_period']}, "
+            f"loss {_number(run['loss_final'])}, lambda_max {_number(run['lambda_max_final'])}"
+        )
+    for reduction in summary.get("curvature_reduction", []):
+        lines.append(
+            f"curvature reduction {Path(reduction['dynamical']).name} / "
+            f"{Path(reduction['static']).name}: {_number(reduction['ratio'])}"
+        )
+    return "\n".join(lines)
+
+
+def _number(value: Any, spec: str = ".4g") -> str:
+    if value is None:
+        return "n/a"
+    return format(value, spec)
+
+
+def _load(record: str | Path | xr.Dataset) -> tuple[xr.Dataset, str]:
+    if isinstance(record, xr.Dataset):
+        return record, str(record.attrs.get("source", "dataset"))
+    from dynscope.store import open_record  # imported here so the analyses work without a file
+
+    return open_record(record), str(record)
+
+
+def _flat_attributes(dataset: xr.Dataset) -> dict[str, Any]:
+    """Read the flat options of a record, falling back to its config JSON."""
+    config: dict[str, Any] = {}
+    if "config" in dataset.attrs:
+        try:
+            config = json.loads(dataset.attrs["config"])
+        except (TypeError, json.JSONDecodeError):
+            logger.warning("record config attribute is not valid JSON; using flat attributes")
+    values: dict[str, Any] = {}
+    for name in set(FLAT_ATTRIBUTES) | set(config):
+        value = dataset.attrs.get(name, config.get(name))
+        if isinstance(value, np.generic):
+            value = value.item()
+        if value is not None:
+            values[name] = value
+    return dict(sorted(values.items()))
+
+
+def _cycle_period(attributes: dict[str, Any]) -> int | None:
+    """Return the oscillation period of a dynamical run, None for a static one."""
+    dynamical = attributes.get("loss") in DYNAMICAL_LOSSES and attributes.get("amplitude", 1) > 1
+    period = attributes.get("period")
+    return int(period) if dynamical and period else None
+
+
+def _observable(dataset: xr.Dataset, observable: str) -> tuple[np.ndarray, np.ndarray]:
+    steps = dataset["step"].values.astype(np.int64)
+    if observable == "dF":
+        loss = dataset["loss"].values.astype(np.float64)
+        return steps[1:], np.diff(loss)
+    if observable not in dataset or dataset[observable].dims != ("step",):
+        raise ValueError(
+            f"unknown observable {observable!r}: use dF or a per-step variable such as loss"
+        )
+    return steps, dataset[observable].values.astype(np.float64)
+
+
+def _probes(
+    dataset: xr.Dataset,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Return probe steps, eigenvalues, trace and lr at the probes, or None without probes."""
+    if "eigenvalues" not in dataset or dataset.sizes.get("probe", 0) == 0:
+        return None
+    probe_steps = dataset["probe_step"].values.astype(np.int64)
+    eigenvalues = dataset["eigenvalues"].values.astype(np.float64)
+    trace = (
+        dataset["hessian_trace"].values.astype(np.float64)
+        if "hessian_trace" in dataset
+        else np.full(probe_steps.size, np.nan)
+    )
+    steps = dataset["step"].values
+    lr_values = dataset["lr"].values.astype(np.float64)
+    index = np.clip(np.searchsorted(steps, probe_steps), 0, steps.size - 1)
+    return probe_steps, eigenvalues, trace, lr_values[index]
+
+
+def _snapshots(dataset: xr.Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+    if "params" not in dataset or dataset.sizes.get("snapshot", 0) == 0:
+        return None
+    return (
+        dataset["snapshot_step"].values.astype(np.int64),
+        dataset["params"].values.astype(np.float64),
+    )
+
+
+def _edge_of_stability(
+    probe_steps: np.ndarray,
+    lambda_max: np.ndarray,
+    edge: np.ndarray,
+    track: np.ndarray,
+    steps: np.ndarray,
+    cycle_period: int | None,
+    *,
+    min_duration: int,
+    max_gap: int,
+) -> dict[str, Any]:
+    options = {"min_duration": min_duration, "max_gap": max_gap}
+    overall = edge_of_stability_lag(probe_steps, lambda_max, edge, track, steps, **options)
+    result: dict[str, Any] = asdict(overall)
+    result.pop("cycle")
+    if cycle_period is not None:
+        per_cycle = edge_of_stability_per_cycle(
+            probe_steps, lambda_max, edge, track, steps, cycle_period, **options
+        )
+        result["per_cycle"] = [asdict(item) for item in per_cycle]
+    return result
+
+
+def _track_dataset(
+    steps: np.ndarray, series: np.ndarray, track: np.ndarray, observable: str
+) -> xr.Dataset:
+    return xr.Dataset(
+        {
+            "observable": (
+                "step",
+                series,
+                {"long_name": f"observable {observable}", "units": "1"},
+            ),
+            "period": (
+                "step",
+                track,
+                {"long_name": f"period of {observable} around the step (0: none)", "units": "step"},
+            ),
+        },
+        coords={"step": ("step", steps, {"long_name": "training step", "units": "step"})},
+    )
+
+
+def _curvature_dataset(result: Any) -> xr.Dataset:
+    variables: dict[str, Any] = {
+        "lambda_max": (
+            "probe",
+            result.lambda_max,
+            {"long_name": "top Hessian eigenvalue", "units": "1"},
+        ),
+        "edge": ("probe", result.edge, {"long_name": "edge of stability 2/lr", "units": "1"}),
+        "probe_step": ("probe", result.probe_step, {"long_name": "probe step", "units": "step"}),
+    }
+    if result.cycles.size:
+        variables["lambda_max_cycle_end"] = (
+            "cycle",
+            result.lambda_max_cycle_end,
+            {"long_name": "top Hessian eigenvalue at the last probe of the cycle", "units": "1"},
+        )
+        variables["fraction_above_edge"] = (
+            "cycle",
+            result.fraction_above_edge_per_cycle,
+            {"long_name": "fraction of the cycle's probes above 2/lr", "units": "1"},
+        )
+    return xr.Dataset(variables, coords=_cycle_coords(result.cycles))
+
+
+def _exploration_dataset(measured: Any, snapshot_steps: np.ndarray) -> xr.Dataset:
+    variables: dict[str, Any] = {
+        "displacement": (
+            "snapshot",
+            measured.displacement_curve,
+            {"long_name": "distance from the first snapshot ||theta_t - theta_0||", "units": "1"},
+        ),
+        "snapshot_step": (
+            "snapshot",
+            snapshot_steps,
+            {"long_name": "snapshot step", "units": "step"},
+        ),
+    }
+    if measured.cycles.size:
+        variables["path_length_per_cycle"] = (
+            "cycle",
+            measured.path_length_per_cycle,
+            {"long_name": "path length between snapshots inside the cycle", "units": "1"},
+        )
+        variables["displacement_per_cycle"] = (
+            "cycle",
+            measured.displacement_per_cycle,
+            {"long_name": "distance between the cycle's first and last snapshot", "units": "1"},
+        )
+    return xr.Dataset(variables, coords=_cycle_coords(measured.cycles))
+
+
+def _cycle_coords(cycles: np.ndarray) -> dict[str, Any]:
+    if not cycles.size:
+        return {}
+    return {"cycle": ("cycle", cycles, {"long_name": "oscillation cycle index", "units": "1"})}
+
+
+def _draw_record_figures(
+    dataset: xr.Dataset,
+    out_dir: Path,
+    steps: np.ndarray,
+    series: np.ndarray,
+    probes: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+) -> list[str]:
+    record_steps = dataset["step"].values
+    probe_steps = probes[0] if probes is not None else None
+    lambda_max = probes[1][:, 0] if probes is not None else None
+    edge = 2.0 / probes[3] if probes is not None else None
+    plots.plot_overview(
+        out_dir / "overview.png",
+        record_steps,
+        gamma=dataset["gamma"].values if "gamma" in dataset else None,
+        loss=dataset["loss"].values,
+        df=series,
+        df_steps=steps,
+        train_accuracy=_values(dataset, "train_accuracy"),
+        val_accuracy=_values(dataset, "val_accuracy"),
+        probe_steps=probe_steps,
+        lambda_max=lambda_max,
+        edge=edge,
+    )
+    plots.plot_bifurcation(out_dir / "bifurcation.png", steps, series)
+    files = ["overview.png", "bifurcation.png"]
+    if probes is not None:
+        plots.plot_spectrum(out_dir / "spectrum.png", probes[0], probes[1], edge=edge)
+        files.append("spectrum.png")
+    return files
+
+
+def _values(dataset: xr.Dataset, name: str) -> np.ndarray | None:
+    return dataset[name].values if name in dataset else None
+
+
+def _last(dataset: xr.Dataset, name: str) -> float | None:
+    if name not in dataset or dataset[name].size == 0:
+        return None
+    return float(dataset[name].values[-1])
+
+
+def _nan_mean(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def _periods_in_input_order(runs: list[dict[str, Any]], diagram: xr.Dataset) -> list[int]:
+    """Map the periods of the control-sorted diagram back to the order of `runs`."""
+    order = np.argsort([run["control_value"] for run in runs], kind="stable")
+    periods = np.empty(len(runs), dtype=np.int64)
+    periods[order] = diagram["period"].values
+    return [int(p) for p in periods]
+
+
+def _json_ready(value: Any) -> Any:
+    """Convert numpy scalars to Python numbers and NaN or infinity to None, recursively."""
+    if isinstance(value, dict):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _json_ready(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
