@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -209,14 +209,35 @@ def info(record_path: str, as_json: bool) -> None:
     def action() -> int:
         from dynscope import store
 
-        details = store.record_info(record_path)
+        details = asdict(store.record_info(record_path))
         if as_json:
-            click.echo(json.dumps(details.to_dict(), indent=2, default=str))
+            click.echo(json.dumps(details, indent=2, default=str))
         else:
-            click.echo(details.format())
+            click.echo(_format_info(details))
         return 0
 
     _run_safely(action)
+
+
+def _format_info(details: dict[str, Any]) -> str:
+    """Lay out a record's summary as aligned text lines."""
+    lines = [
+        f"record     {details['path']}",
+        f"status     {details['status']}"
+        + ("  (resumable with --resume)" if details["can_resume"] else ""),
+        f"last step  {details['last_step']}",
+        f"rows       {details['num_steps']} steps, {details['num_probes']} probes, "
+        f"{details['num_snapshots']} snapshots",
+        f"size       {details['file_bytes']} bytes on disk"
+        + (f" + {details['journal_bytes']} in the journal" if details["journal_bytes"] else ""),
+        "variables (uncompressed bytes):",
+    ]
+    for name, size in sorted(details["variable_bytes"].items()):
+        lines.append(f"  {name:24s} {size}")
+    lines.append("config:")
+    for name, value in sorted(details["config"].items()):
+        lines.append(f"  {name:24s} {value}")
+    return "\n".join(lines)
 
 
 @main.command()
