@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import platform
+import resource
 import shutil
 from collections.abc import Sequence
 from importlib import metadata
@@ -40,6 +41,9 @@ STEP_SCALARS = (
 PROBE_EXTRAS = ("top_eigenvectors", "eigenvalue_residuals", "ntk_eigenvalues")
 INDEX_VARIABLES = {"step": "step", "probe": "probe_step", "snapshot": "snapshot_step"}
 CONVENTIONS = "CF-1.10"
+# Estimate of the bytes one HDF5 write may add to a file. A failure within this margin of the file
+# size limit or of a full disk is reported as caused by it.
+MAX_WRITE_BYTES = 8 * 1024 * 1024
 
 
 class RecordWriteError(OSError):
@@ -162,9 +166,10 @@ class RecordWriter:
             )
             os.replace(path + ".tmp", path)
             _ncfile.fsync_directory(path)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
+            cause = _failure_cause(error, path + ".tmp")
             _remove_quietly(path + ".tmp")
-            raise _write_error(path, error) from error
+            raise _write_error(path, cause) from error
 
         summary = _ncfile.read_summary(path)
         empty_steps: dict[str, int | None] = {dim: None for dim in UNLIMITED_DIMS}
@@ -383,7 +388,7 @@ class RecordWriter:
             self._journal.append(record)
         except OSError as error:
             self._journal.rollback()
-            raise _write_error(self._journal.path, error) from error
+            raise _write_error(self._journal.path, error.strerror or str(error)) from error
         self._seq += 1
         self._flushed_steps = dict(self._last_steps)
         if state is not None:
@@ -415,9 +420,11 @@ class RecordWriter:
             os.replace(temporary, self.path)
             _ncfile.fsync_directory(self.path)
             self._journal.clear()
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
+            # netCDF4 reports HDF5 write failures as RuntimeError("NetCDF: HDF error").
+            cause = _failure_cause(error, temporary)
             _remove_quietly(temporary)
-            raise _write_error(self.path, error) from error
+            raise _write_error(self.path, cause) from error
         self._file_seq = self._seq
         self._file_size = os.path.getsize(self.path)
 
@@ -566,9 +573,25 @@ def _history_line(action: str) -> str:
     return f"{now}: {action} by dynscope {version}"
 
 
-def _write_error(path: str, error: OSError) -> RecordWriteError:
-    cause = error.strerror or str(error)
-    return RecordWriteError(error.errno, f"cannot write record {path}: {cause}")
+def _write_error(path: str, cause: str) -> RecordWriteError:
+    return RecordWriteError(f"cannot write record {path}: {cause}")
+
+
+def _failure_cause(error: OSError | RuntimeError, written: str) -> str:
+    """Describe a failed write; name the file size limit or a full disk when they explain it."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    try:
+        size = os.path.getsize(written)
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(written))).free
+    except OSError:
+        return str(error)
+    if limit != resource.RLIM_INFINITY and size >= limit - MAX_WRITE_BYTES:
+        return f"File too large (the file size limit is {limit} bytes): {error}"
+    if free < MAX_WRITE_BYTES:
+        return f"No space left on device: {error}"
+    return str(error)
 
 
 def _remove_quietly(path: str) -> None:

@@ -1,6 +1,7 @@
 """Stream a training run into one netCDF4 record, crash-safely, and read records back.
 
-This is the only module that knows the file format. A record at `path` is two files:
+This is the only module that reads or writes the record file format. A record at `path` is
+two files:
 
 ``path``
     A complete netCDF4 file (schema below). It is never modified in place: each rewrite copies
