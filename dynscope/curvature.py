@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dynscope import losses
+from dynscope import _mlp_hessian, losses, models
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,20 @@ def hessian(
         The symmetric (P, P) Hessian in the parameters' dtype, parameters flattened in
         ``model.parameters()`` order.
     """
+    linears = _mlp_hessian.mlp_linears(model)
+    if linears is not None and _mlp_hessian.is_closed_form_loss(loss_fn):
+        assert isinstance(model, models.MLP)
+        assert isinstance(loss_fn, losses.ClassificationLoss)
+        dtype = linears[0].weight.dtype
+        device = linears[0].weight.device
+        return _mlp_hessian.mlp_hessian(
+            linears,
+            model.activation,
+            loss_fn,
+            inputs.to(dtype=dtype, device=device),
+            targets.to(device=device),
+            step,
+        )
     return dense_hessian(model, loss_fn, inputs, targets, step)
 
 

@@ -129,3 +129,40 @@ def test_probe_rejects_unknown_spectrum():
     inputs, targets = make_batch()
     with pytest.raises(ValueError, match="invalid spectrum"):
         curvature.probe(model, losses.CrossEntropy(3), inputs, targets, 0, spectrum="dense")
+
+
+FAST_PATH_CASES = [("relu", 0)] + [
+    (activation, depth) for activation in ACTIVATIONS for depth in (1, 2)
+]
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize(("activation", "depth"), FAST_PATH_CASES)
+def test_mlp_hessian_float64_matches_reference(name, activation, depth):
+    model = models.build_mlp(2, 3, width=5, depth=depth, activation=activation, seed=4)
+    inputs, targets = make_batch(features=2)
+    loss_fn = make_loss(name)
+
+    actual = curvature.hessian(model, loss_fn, inputs, targets, step=5)
+
+    expected = reference_hessian(model, loss_fn, inputs, targets, step=5)
+    assert actual.dtype == torch.float64
+    assert relative_error(actual, expected) < 1e-10
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize(("activation", "depth"), FAST_PATH_CASES)
+def test_mlp_hessian_float32_matches_reference(name, activation, depth):
+    model = models.build_mlp(2, 3, width=5, depth=depth, activation=activation, seed=5)
+    model32 = models.build_mlp(
+        2, 3, width=5, depth=depth, activation=activation, seed=5, dtype=torch.float32
+    )
+    models.assign_parameters(model, models.flatten_parameters(model32).double())
+    inputs, targets = make_batch(features=2)
+    loss_fn = make_loss(name)
+
+    actual = curvature.hessian(model32, loss_fn, inputs.float(), targets, step=5)
+
+    expected = reference_hessian(model, loss_fn, inputs.float().double(), targets, step=5)
+    assert actual.dtype == torch.float32
+    assert relative_error(actual, expected) < 1e-5
