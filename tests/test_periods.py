@@ -218,6 +218,13 @@ def test_training_like_doubling_events() -> None:
     assert abs(events[1].step - 2000) <= 4
 
 
+def test_track_with_curved_drift() -> None:
+    # Branches 100 times smaller than an exponentially decaying drift of dF.
+    steps = np.arange(3000)
+    series = -1e-3 * np.exp(-steps / 300) + 1e-5 * np.where(steps % 2 == 0, 1.0, -1.0)
+    assert np.all(period_track(series) == 2)
+
+
 def test_track_ignores_small_jitter() -> None:
     steps = np.arange(2000)
     series = np.where(steps % 2 == 0, 0.01, -0.01) + 1e-7 * np.sin(0.37 * steps)

@@ -1,19 +1,21 @@
 """Detect periods of a series and the period-doubling cascades in a training run.
 
-A window of a series has period p when x[t+p] - x[t] is the same for every t in the window, up to
-a tolerance. With `detrend=True` (the default) the differences are compared with each other, not
-with zero, so a linear drift of the series (the slow change of the one-step loss change dF while
-its branches persist) does not read as aperiodic. The smallest such p up to `max_period` is the
-period; 0 means none was found. A window must hold at least two periods, so p <= len(window) // 2.
+A window of a series has period p when |x[t+p] - x[t]| <= tol for every t in the window. With
+`detrend=True` (the default) the test is on the second difference x[t+2p] - 2 x[t+p] + x[t]
+instead, which is zero for a p-periodic series plus a linear drift and of order p^2 x'' for a
+smooth drift, so the slow change of the one-step loss change dF while its branches persist does
+not read as aperiodic. The smallest such p up to `max_period` is the period; 0 means none was
+found. A window must show its pattern repeat: p <= n // 2 for the plain test and p <= n // 3 with
+`detrend` (the second difference spans 2p entries).
 
 `period_track` slides a window along the whole series and judges every window with one tolerance
 taken from the scale of the whole series, so jitter far below the size of the branches is not a
 new period. A change of period makes the windows that straddle it aperiodic for about one window
 length; `period_doubling_events` bridges such gaps.
 
-Limits: a drift with strong curvature inside one window (quadratic change of the differences
-larger than the tolerance) still reads as aperiodic, and a period-doubling onset is only seen once
-the new branches separate by more than the tolerance.
+Limits: a drift whose curvature p^2 x'' exceeds the tolerance (a fast initial transient) still
+reads as aperiodic, and a period-doubling onset is only seen once the new branches separate by
+more than the tolerance.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def detect_period(
     Parameters
     ----------
     x : array_like, shape (n,)
-        The window. Periods up to n // 2 are tested, so the window holds at least two periods.
+        The window. Periods up to n // 3 (n // 2 without `detrend`) are tested.
     max_period : int
         Largest period tested.
     rtol : float, optional
@@ -96,8 +98,8 @@ def detect_period(
         Absolute tolerance floor; default `NOISE_FLOOR` times max |x| of the window, so a
         constant window with float noise has period 1.
     detrend : bool
-        Compare the differences x[t+p] - x[t] with each other (a linear drift is allowed) rather
-        than with zero.
+        Test the second difference x[t+2p] - 2 x[t+p] + x[t] rather than x[t+p] - x[t], so a
+        linear drift is allowed and a smooth one nearly so.
 
     Returns
     -------
@@ -116,9 +118,8 @@ def detect_period(
         atol = NOISE_FLOOR * float(np.max(np.abs(values)))
     tolerance = max(rtol * float(np.ptp(values)), atol)
 
-    for period in range(1, min(max_period, values.size // 2) + 1):
-        differences = values[period:] - values[:-period]
-        if _deviation(differences, detrend) <= tolerance:
+    for period in range(1, min(max_period, values.size // _span(detrend)) + 1):
+        if np.max(np.abs(_differences(values, period, detrend))) <= tolerance:
             return period
     return 0
 
@@ -143,11 +144,11 @@ def period_track(
     window : int
         Window length in entries; the window of entry t is centred on t and clipped to the series.
     max_period : int
-        Largest period tested; at most window // 2.
+        Largest period tested; at most window // 3 (window // 2 without `detrend`).
     rtol : float, optional
         Tolerance relative to the scale of the series; default `DEFAULT_RTOL`.
     detrend : bool
-        Allow a linear drift inside each window (see `detect_period`).
+        Allow a smooth drift inside each window (see `detect_period`).
 
     Returns
     -------
@@ -160,10 +161,10 @@ def period_track(
     _check_max_period(max_period)
     if window < 2:
         raise ValueError(f"invalid window {window}: use a window of at least 2 entries")
-    if max_period > window // 2:
+    if max_period > window // _span(detrend):
         raise ValueError(
-            f"invalid max_period {max_period} for window {window}: a window must hold two "
-            f"periods, so use max_period <= {window // 2} or a longer window"
+            f"invalid max_period {max_period} for window {window}: a window must show the pattern "
+            f"repeat, so use max_period <= {window // _span(detrend)} or a longer window"
         )
     size = values.size
     if size < window:
@@ -322,11 +323,17 @@ def _check_max_period(max_period: int) -> None:
         raise ValueError(f"invalid max_period {max_period!r}: use an integer >= 1")
 
 
-def _deviation(differences: np.ndarray, detrend: bool) -> float:
-    """Return how far the differences x[t+p] - x[t] are from constant (or from zero)."""
-    if detrend:
-        return float(np.ptp(differences))
-    return float(np.max(np.abs(differences)))
+def _span(detrend: bool) -> int:
+    """Return how many periods a window must hold: the tested difference spans all but one."""
+    return 3 if detrend else 2
+
+
+def _differences(values: np.ndarray, period: int, detrend: bool) -> np.ndarray:
+    """Return x[t+p] - x[t], or the second difference x[t+2p] - 2 x[t+p] + x[t] with detrend."""
+    first = values[period:] - values[:-period]
+    if not detrend:
+        return first
+    return first[period:] - first[:-period]
 
 
 def _window_periods(
@@ -339,9 +346,10 @@ def _window_periods(
     finite_windows = _sliding_sum(finite, window) == window
 
     for period in range(max_period, 0, -1):
-        # Difference t pairs entries t and t + period; window w uses differences w..w+window-p-1.
-        differences = values[period:] - values[:-period]
-        deviation = _sliding_deviation(differences, window - period, detrend)[:count]
+        # Difference t starts at entry t, so window w uses differences w .. w + window - span - 1.
+        differences = _differences(values, period, detrend)
+        span = (_span(detrend) - 1) * period
+        deviation = _sliding_max_abs(differences, window - span)
         periods[deviation <= tolerance] = period  # smaller periods overwrite larger ones
     periods[~finite_windows] = 0
     return periods
@@ -352,18 +360,15 @@ def _sliding_sum(values: np.ndarray, length: int) -> np.ndarray:
     return cumulative[length:] - cumulative[:-length]
 
 
-def _sliding_deviation(differences: np.ndarray, length: int, detrend: bool) -> np.ndarray:
-    """Return the deviation of every run of `length` differences, chunked to bound memory."""
+def _sliding_max_abs(differences: np.ndarray, length: int) -> np.ndarray:
+    """Return max |d| over every run of `length` differences, chunked to bound memory."""
     count = differences.size - length + 1
     deviation = np.empty(count)
     for start in range(0, count, _CHUNK):
         stop = min(start + _CHUNK, count)
         views = sliding_window_view(differences[start : stop + length - 1], length)
         with np.errstate(invalid="ignore"):
-            if detrend:
-                deviation[start:stop] = views.max(axis=1) - views.min(axis=1)
-            else:
-                deviation[start:stop] = np.abs(views).max(axis=1)
+            deviation[start:stop] = np.abs(views).max(axis=1)
     return np.where(np.isfinite(deviation), deviation, np.inf)
 
 
