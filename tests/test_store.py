@@ -424,3 +424,56 @@ def test_write_failure_file_size_limit(tmp_path):
     last = int(ds["step"].values[-1])
     assert last in (report["flushed"], report["flushed"] + 5)
     np.testing.assert_array_equal(ds["loss"].values, np.arange(last + 1))
+
+
+def create_sweep_record(path, width: int, lr: float, steps: int) -> None:
+    """Write a closed record whose config differs in width and lr."""
+    writer = store.RecordWriter.create(
+        path,
+        config_json=json.dumps({"width": width, "lr": lr, "seed": 0}),
+        attrs={"width": width, "lr": lr},
+        labels=list(range(NUM_LABELS)),
+        num_params=NUM_PARAMS,
+        num_eigs=NUM_EIGS,
+    )
+    write_steps(writer, range(steps))
+    writer.flush({})
+    writer.close("complete")
+
+
+def test_open_records_grid_padded(tmp_path):
+    for width, lr, steps in ((4, 0.1, 20), (8, 0.1, 20), (4, 0.2, 20), (8, 0.2, 30)):
+        create_sweep_record(tmp_path / f"w{width}_lr{lr}.nc", width, lr, steps)
+
+    ds = store.open_records(str(tmp_path / "*.nc"))
+    assert ds.sizes["width"] == 2
+    assert ds.sizes["config_lr"] == 2
+    assert ds.sizes["step"] == 30
+    loss = ds["loss"].sel(width=4, config_lr=0.1).values
+    assert np.isnan(loss[20:]).all()
+    np.testing.assert_array_equal(loss[:20], [1.0 / (s + 1) for s in range(20)])
+    assert json.loads(ds.attrs["sweep_dims"]) == {"width": "width", "config_lr": "lr"}
+
+
+def test_open_records_sparse_grid(tmp_path):
+    create_sweep_record(tmp_path / "a.nc", 4, 0.1, 10)
+    create_sweep_record(tmp_path / "b.nc", 8, 0.2, 10)
+    writer = store.RecordWriter.create(
+        tmp_path / "c.nc",
+        config_json=json.dumps({"width": 4, "lr": 0.2, "seed": 0}),
+        attrs={},
+        labels=list(range(NUM_LABELS)),
+        num_params=NUM_PARAMS,
+        num_eigs=NUM_EIGS,
+    )
+    write_steps(writer, range(5))
+    writer.flush({})
+
+    # c.nc is still open, so its rows are only in the journal.
+    ds = store.open_records([tmp_path / "a.nc", tmp_path / "b.nc", tmp_path / "c.nc"])
+    assert ds.sizes["width"] == 2
+    assert int(ds["step"].values[-1]) == 9
+    assert np.isnan(ds["loss"].sel(width=8, config_lr=0.1).values).all()
+    running = ds["loss"].sel(width=4, config_lr=0.2).values
+    assert running[4] == 1.0 / 5
+    assert np.isnan(running[5:]).all()
