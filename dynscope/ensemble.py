@@ -1,0 +1,444 @@
+"""Train runs that differ only by seed together in one process, with `torch.func.vmap`.
+
+An ensemble is K copies of one record config with seeds s_1..s_K. Their parameters are stacked
+along a leading member axis and one step of every member is one vmapped call of
+``torch.func.grad_and_value`` over ``torch.func.functional_call``, so the K small networks share
+each kernel launch instead of paying K times the Python and dispatch overhead of a single run.
+Each member writes its own record through `dynscope.store`, with the same rows, probes,
+snapshots, flushes and attributes as ``dynscope.recorder.record(config.replace(seed=s))``; the
+records agree to float rounding (vmap batches the matrix products, which may change the order of
+the sums).
+
+Data and seeds: every member trains on the data set its own seed gives, exactly like a single
+run, so that its record and its stored config describe the same run. The K data sets are
+stacked along the member axis too (a spiral's points depend on the seed, its size does not).
+Sharing one data set across seeds would need a data seed separate from the initialisation seed,
+which `RecordConfig` does not have. The loss schedule (a random class order) and the SGD
+mini-batches also follow each member's seed.
+
+Curvature probes loop over the members: the parameters of member k are copied into a model and
+probed as in a single run, so probes cost as much as in K single runs.
+
+Limits: every member must have parameters of the same shape, so only the seed may differ; a
+member that diverges stops recording (status "diverged") while the others go on; an ensemble
+is not resumed as a whole, but each member's record resumes alone with ``record(resume=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from dynscope import losses, models, recorder, store
+from dynscope.config import RecordConfig
+from dynscope.recorder import RecordResult
+
+logger = logging.getLogger(__name__)
+
+# Rows of the per-member metrics tensor returned by the vmapped step.
+_METRICS = ("loss", "static_loss", "train_accuracy", "val_accuracy", "grad_norm", "minibatch_loss")
+
+
+@dataclass
+class _Ensemble:
+    """The members' runs and writers, and their parameters stacked along the member axis."""
+
+    config: RecordConfig
+    runs: list[recorder._Run]
+    writers: list[store.RecordWriter]
+    names: list[str]
+    params: dict[str, Tensor]
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+
+
+def record_ensemble(
+    config: RecordConfig,
+    seeds: Sequence[int],
+    outputs: str | Path | Sequence[str | Path],
+    *,
+    force: bool = False,
+    quiet: bool = False,
+) -> list[RecordResult]:
+    """Train one run per seed together and write one record per member.
+
+    Parameters
+    ----------
+    config
+        Options shared by the members; its own ``seed`` is replaced by each member's seed.
+    seeds
+        One seed per member, all different.
+    outputs
+        A folder, where member s writes ``seed-<s>.nc``, or one record path per seed.
+    force
+        Overwrite existing records.
+    quiet
+        Hide the progress bar (it also hides itself when stderr is not a terminal).
+
+    Returns
+    -------
+    list of RecordResult
+        One per member, in the order of ``seeds``; the wall time is the ensemble's.
+
+    Raises
+    ------
+    ValueError
+        For invalid options, seeds or output paths, before any file is created.
+    """
+    seeds = _check_seeds(seeds)
+    paths = _output_paths(outputs, seeds)
+    members = [config.replace(seed=seed).validate() for seed in seeds]
+    for path in paths:
+        recorder._check_output(path, force)
+
+    ensemble = _build_ensemble(members, paths, force)
+    with recorder._signal_flag() as stop_signal:
+        return _train(ensemble, stop_signal, quiet)
+
+
+def _check_seeds(seeds: Sequence[int]) -> list[int]:
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("no seeds given: an ensemble needs at least one seed")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"invalid seed {seed!r}: use integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"repeated seed in {seeds}: give each member its own seed")
+    return seeds
+
+
+def _output_paths(outputs: str | Path | Sequence[str | Path], seeds: list[int]) -> list[Path]:
+    if isinstance(outputs, (str, Path)):
+        folder = Path(outputs)
+        if not folder.is_dir():
+            raise ValueError(
+                f"output folder not found: {folder}; create it or pass one record path per seed"
+            )
+        return [folder / f"seed-{seed}.nc" for seed in seeds]
+    paths = [Path(output) for output in outputs]
+    if len(paths) != len(seeds):
+        raise ValueError(
+            f"{len(paths)} output paths for {len(seeds)} seeds: give one record path per seed"
+        )
+    if len(set(paths)) != len(paths):
+        raise ValueError("repeated output path: give each member its own record path")
+    return paths
+
+
+def _build_ensemble(members: list[RecordConfig], paths: list[Path], force: bool) -> _Ensemble:
+    runs = [recorder._build_run(member) for member in members]
+    template = runs[0].model
+    names = [name for name, _ in template.named_parameters()]
+    params = {}
+    for name in names:
+        tensors = [dict(run.model.named_parameters())[name].detach() for run in runs]
+        params[name] = torch.stack(tensors)
+
+    writers = []
+    try:
+        for run, path in zip(runs, paths, strict=True):
+            writers.append(recorder._create_writer(run, path, force))
+    except BaseException:
+        for writer in writers:
+            writer.close("interrupted")
+        raise
+
+    return _Ensemble(
+        config=members[0],
+        runs=runs,
+        writers=writers,
+        names=names,
+        params=params,
+        x_train=torch.stack([run.x_train for run in runs]),
+        y_train=torch.stack([run.y_train for run in runs]),
+        x_val=torch.stack([run.x_val for run in runs]),
+        y_val=torch.stack([run.y_val for run in runs]),
+    )
+
+
+def _member_step_function(ensemble: _Ensemble) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
+    """Return the vmapped step: per-member gradients and the metrics of `_METRICS`, (K, 6)."""
+    model = ensemble.runs[0].model
+    loss_name = ensemble.runs[0].loss.name
+    static_name = ensemble.runs[0].static_loss.name
+    full_batch = ensemble.config.optimizer == "gd"
+
+    def member_step(
+        params: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        x_val: Tensor,
+        y_val: Tensor,
+        gamma: Tensor,
+        x_batch: Tensor,
+        y_batch: Tensor,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        def objective(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            batch_outputs = torch.func.functional_call(model, p, (x_batch,))
+            value = _weighted_loss(loss_name, batch_outputs, y_batch, gamma)
+            return value, batch_outputs
+
+        gradients, (objective_value, batch_outputs) = torch.func.grad_and_value(
+            objective, has_aux=True
+        )(params)
+        if full_batch:
+            outputs = batch_outputs
+            loss = objective_value
+            minibatch_loss = torch.full_like(loss, math.nan)
+        else:
+            outputs = torch.func.functional_call(model, params, (x,))
+            loss = _weighted_loss(loss_name, outputs, y, gamma)
+            minibatch_loss = objective_value
+
+        static = _weighted_loss(static_name, outputs, y, gamma)
+        train_accuracy = (outputs.argmax(dim=1) == y).double().mean()
+        val_outputs = torch.func.functional_call(model, params, (x_val,))
+        val_accuracy = (val_outputs.argmax(dim=1) == y_val).double().mean()
+        squares = [(gradient.double() ** 2).sum() for gradient in gradients.values()]
+        grad_norm = torch.sqrt(torch.stack(squares).sum())
+        metrics = [loss, static, train_accuracy, val_accuracy, grad_norm, minibatch_loss]
+        return gradients, torch.stack([value.double() for value in metrics])
+
+    return torch.func.vmap(member_step)
+
+
+def _weighted_loss(name: str, outputs: Tensor, targets: Tensor, gamma: Tensor) -> Tensor:
+    """Evaluate `dynscope.losses.weighted_loss` in a form that vmap over labels accepts.
+
+    ``torch.nn.functional.one_hot`` checks the label values with ``.item()``, which vmap rejects
+    under ``grad``, so the MSE family builds the one-hot targets by comparison here.
+    """
+    if name in ("ce", "dce"):
+        return losses.weighted_loss(name, outputs, targets, gamma)
+    # NOTE: this repeats the MSE-family formulas of dynscope.losses.weighted_loss; the ensemble
+    # tests compare every member's record with a single run, which catches any drift.
+    classes = torch.arange(outputs.shape[1], device=outputs.device)
+    one_hot = (targets[:, None] == classes).to(outputs.dtype)
+    squared = (outputs - one_hot) ** 2
+    if name == "mse":
+        return squared.sum(dim=1).mean()
+    if name == "dmse1":
+        return (gamma[targets] * squared.sum(dim=1)).mean()
+    return (squared * gamma).sum(dim=1).mean()
+
+
+def _train(
+    ensemble: _Ensemble, stop_signal: dict[str, str | None], quiet: bool
+) -> list[RecordResult]:
+    config = ensemble.config
+    count = len(ensemble.runs)
+    step_function = _member_step_function(ensemble)
+    momentum = None
+    if config.momentum:
+        momentum = {name: torch.zeros_like(value) for name, value in ensemble.params.items()}
+
+    started = time.perf_counter()
+    statuses = ["complete"] * count
+    last_steps = [config.steps - 1] * count
+    diverged_values: list[float | None] = [None] * count
+    active = list(range(count))
+    bar = tqdm(
+        total=config.steps,
+        disable=quiet or not sys.stderr.isatty(),
+        unit="step",
+        file=sys.stderr,
+    )
+    try:
+        for step in range(config.steps):
+            gamma = _stacked_gamma(ensemble, step)
+            x_batch, y_batch = _batches(ensemble, step)
+            gradients, metrics = step_function(
+                ensemble.params,
+                ensemble.x_train,
+                ensemble.y_train,
+                ensemble.x_val,
+                ensemble.y_val,
+                gamma,
+                x_batch,
+                y_batch,
+            )
+            rows = metrics.tolist()
+            finite = _finite_gradients(gradients).tolist()
+
+            for k in list(active):
+                if not _record_member_step(ensemble, k, step, rows[k], gamma[k]):
+                    # Like the recorder: a non-finite loss is not written as a row.
+                    _stop_diverged(ensemble, k, step, momentum, rows[k][0])
+                elif not finite[k]:
+                    _stop_diverged(ensemble, k, step, momentum, rows[k][0])
+                else:
+                    continue
+                statuses[k] = "diverged"
+                last_steps[k] = step - 1
+                diverged_values[k] = rows[k][0]
+                active.remove(k)
+            if not active:
+                break
+
+            _update(ensemble.params, gradients, momentum, config)
+            bar.update(1)
+
+            interrupted = stop_signal["name"] is not None
+            if interrupted or (step + 1) % config.flush_every == 0 or step + 1 == config.steps:
+                for k in active:
+                    ensemble.writers[k].flush(_member_state(ensemble, k, step + 1, momentum))
+            if interrupted:
+                for k in active:
+                    statuses[k] = "interrupted"
+                    last_steps[k] = step
+                break
+    finally:
+        bar.close()
+
+    for k in active:
+        ensemble.writers[k].close(statuses[k])
+    return _results(ensemble, statuses, last_steps, diverged_values, started, stop_signal)
+
+
+def _stacked_gamma(ensemble: _Ensemble, step: int) -> Tensor:
+    values = np.stack([run.loss.gamma_at(step) for run in ensemble.runs])
+    return torch.as_tensor(values, dtype=ensemble.x_train.dtype, device=ensemble.x_train.device)
+
+
+def _batches(ensemble: _Ensemble, step: int) -> tuple[Tensor, Tensor]:
+    """Return each member's mini-batch, drawn from its own seed as in `recorder`, or all data."""
+    if ensemble.config.optimizer == "gd":
+        return ensemble.x_train, ensemble.y_train
+    x_batches = []
+    y_batches = []
+    count = ensemble.y_train.shape[1]
+    for k, run in enumerate(ensemble.runs):
+        indices = recorder._batch_indices(run.config, step, count, ensemble.x_train.device)
+        x_batches.append(ensemble.x_train[k, indices])
+        y_batches.append(ensemble.y_train[k, indices])
+    return torch.stack(x_batches), torch.stack(y_batches)
+
+
+def _finite_gradients(gradients: dict[str, Tensor]) -> Tensor:
+    flags = [torch.isfinite(gradient).flatten(1).all(dim=1) for gradient in gradients.values()]
+    return torch.stack(flags).all(dim=0)
+
+
+def _record_member_step(
+    ensemble: _Ensemble, k: int, step: int, row: list[float], gamma: Tensor
+) -> bool:
+    """Append member k's row, probe and snapshot; return False when its loss is not finite."""
+    config = ensemble.config
+    values = dict(zip(_METRICS, row, strict=True))
+    if not math.isfinite(values["loss"]):
+        return False
+
+    extra: dict[str, Any] = {}
+    if config.optimizer == "sgd":
+        extra["minibatch_loss"] = values["minibatch_loss"]
+    ensemble.writers[k].append_step(
+        step,
+        loss=values["loss"],
+        static_loss=values["static_loss"],
+        train_accuracy=values["train_accuracy"],
+        val_accuracy=values["val_accuracy"],
+        grad_norm=values["grad_norm"],
+        lr=config.lr,
+        gamma=ensemble.runs[k].loss.gamma_at(step),
+        **extra,
+    )
+
+    probe = config.hessian_every and config.spectrum != "none" and step % config.hessian_every == 0
+    snapshot = config.snapshot_every and step % config.snapshot_every == 0
+    if probe or snapshot:
+        _load_member(ensemble, k)
+    if probe:
+        recorder._record_probe(ensemble.runs[k], ensemble.writers[k], step)
+    if snapshot:
+        ensemble.writers[k].append_snapshot(step, recorder._snapshot(ensemble.runs[k]))
+    return True
+
+
+def _load_member(ensemble: _Ensemble, k: int) -> None:
+    """Copy member k's parameters into its own model, for probes, snapshots and states."""
+    flat = torch.cat([ensemble.params[name][k].reshape(-1) for name in ensemble.names])
+    models.assign_parameters(ensemble.runs[k].model, flat)
+
+
+def _member_state(
+    ensemble: _Ensemble, k: int, next_step: int, momentum: dict[str, Tensor] | None
+) -> dict[str, np.ndarray]:
+    """Return member k's resume state in the recorder's format, so its record resumes alone."""
+    _load_member(ensemble, k)
+    buffers = None
+    if momentum is not None:
+        buffers = [momentum[name][k] for name in ensemble.names]
+    return recorder._state(ensemble.runs[k], next_step, buffers)
+
+
+def _stop_diverged(
+    ensemble: _Ensemble,
+    k: int,
+    step: int,
+    momentum: dict[str, Tensor] | None,
+    loss_value: float,
+) -> None:
+    logger.error(
+        "member with seed %d diverged at step %d: loss = %r",
+        ensemble.runs[k].config.seed,
+        step,
+        loss_value,
+    )
+    ensemble.writers[k].flush(_member_state(ensemble, k, step, momentum))
+    ensemble.writers[k].close("diverged")
+
+
+@torch.no_grad()
+def _update(
+    params: dict[str, Tensor],
+    gradients: dict[str, Tensor],
+    momentum: dict[str, Tensor] | None,
+    config: RecordConfig,
+) -> None:
+    """Apply one step to every member, in the same operations as the recorder's update."""
+    for name, parameter in params.items():
+        if momentum is None:
+            parameter.sub_(config.lr * gradients[name])
+        else:
+            momentum[name].mul_(config.momentum).add_(gradients[name])
+            parameter.sub_(config.lr * momentum[name])
+
+
+def _results(
+    ensemble: _Ensemble,
+    statuses: list[str],
+    last_steps: list[int],
+    diverged_values: list[float | None],
+    started: float,
+    stop_signal: dict[str, str | None],
+) -> list[RecordResult]:
+    wall_time = time.perf_counter() - started
+    results = []
+    for k, writer in enumerate(ensemble.writers):
+        steps_done = last_steps[k] + 1
+        results.append(
+            RecordResult(
+                path=Path(writer.path),
+                status=statuses[k],
+                last_step=last_steps[k],
+                wall_time=wall_time,
+                steps_per_second=steps_done / wall_time if wall_time > 0 else math.nan,
+                signal_name=stop_signal["name"],
+                diverged_value=diverged_values[k],
+            )
+        )
+    return results
