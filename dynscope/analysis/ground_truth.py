@@ -12,9 +12,10 @@ The doubling points are found by bisecting the control parameter with `detect_pe
 after a long transient, many parameter values at once. The double-well reference values come from
 a different method: Newton's method on the cycle equations with the multiplier prod f'(x_i) = -1.
 
-Limits: close to a doubling point the transient decays slowly (the multiplier is near -1), so a
-finite transient shifts the measured point; with the default transient of 2**15 iterations the
-shift is below 1e-4 for the first four doublings of both maps.
+Limits: close to a doubling point the transient decays slowly because the multiplier is near -1,
+so a finite transient moves the measured point, mostly below the true one. With the default transient of
+2**15 iterations the shift is below 2e-4 for the first five doublings of both maps (largest for
+the first doubling, measured by the tests and the READMEs under analyses/).
 """
 
 from __future__ import annotations

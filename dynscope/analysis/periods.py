@@ -2,9 +2,9 @@
 
 A window of a series has period p when |x[t+p] - x[t]| <= tol for every t in the window. With
 `detrend=True` (the default) the test is on the second difference x[t+2p] - 2 x[t+p] + x[t]
-instead, which is zero for a p-periodic series plus a linear drift and of order p^2 x'' for a
-smooth drift, so the slow change of the one-step loss change dF while its branches persist does
-not read as aperiodic. The smallest such p up to `max_period` is the period; 0 means none was
+instead. It is zero for a p-periodic series plus a linear drift and of order p^2 x'' for a smooth
+drift, so the slow change of the one-step loss change dF while its branches persist does not read
+as aperiodic. The smallest such p up to `max_period` is the period; 0 means none was
 found. A window must show its pattern repeat: p <= n // 2 for the plain test and p <= n // 3 with
 `detrend` (the second difference spans 2p entries).
 
@@ -61,8 +61,8 @@ class CycleCascade:
     start_step : int
         First step of the cycle.
     periods : tuple of int
-        Periods of the cascade in order, starting with the period before the first doubling
-        (for example (1, 2, 4)); empty when the cycle has no doubling.
+        Periods of the cascade in order, starting with the period before the first doubling,
+        for example (1, 2, 4). Empty when the cycle has no doubling.
     onset_steps : tuple of int
         Step of each doubling, one fewer than `periods`.
     max_period : int
@@ -256,7 +256,7 @@ def doubling_cascades(events: list[PeriodDoubling]) -> list[list[PeriodDoubling]
     """Group consecutive doublings into cascades 1 -> 2 -> 4 -> ...
 
     A cascade is a chain of events in which each one starts from the period the previous one
-    reached; a new chain starts whenever that breaks.
+    reached. Any other event starts a new chain.
     """
     cascades: list[list[PeriodDoubling]] = []
     for event in events:
@@ -324,7 +324,7 @@ def _check_max_period(max_period: int) -> None:
 
 
 def _span(detrend: bool) -> int:
-    """Return how many periods a window must hold: the tested difference spans all but one."""
+    """Return how many periods a window must hold, one more than the tested difference spans."""
     return 3 if detrend else 2
 
 
