@@ -10,7 +10,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = ["__version__", "open_record", "open_records"]
 
 
-def __getattr__(name: str):  # type: ignore[no-untyped-def]
+def __getattr__(name: str) -> object:
     # Import the store lazily so `import dynscope` stays cheap for the CLI's --help.
     if name in ("open_record", "open_records"):
         from dynscope import store

@@ -298,7 +298,7 @@ def _train(
     quiet: bool,
 ) -> RecordResult:
     config = run.config
-    parameters = list(run.model.parameters())
+    parameters: list[torch.Tensor] = list(run.model.parameters())
     if config.momentum and momentum is None:
         momentum = [torch.zeros_like(p) for p in parameters]
 
@@ -376,7 +376,7 @@ def _record_step(
         train_accuracy = (outputs.argmax(dim=1) == run.y_train).double().mean()
         val_outputs = run.model(run.x_val)
         val_accuracy = (val_outputs.argmax(dim=1) == run.y_val).double().mean()
-        grad_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in gradients))
+        grad_norm = torch.sqrt(torch.stack([(g.double() ** 2).sum() for g in gradients]).sum())
 
     loss_value = float(loss.detach())
     if not math.isfinite(loss_value):
