@@ -13,9 +13,9 @@ after a long transient, many parameter values at once. The double-well reference
 a different method: Newton's method on the cycle equations with the multiplier prod f'(x_i) = -1.
 
 Limits: close to a doubling point the transient decays slowly because the multiplier is near -1,
-so a finite transient moves the measured point, mostly below the true one. With the default transient of
-2**15 iterations the shift is below 2e-4 for the first five doublings of both maps (largest for
-the first doubling, measured by the tests and the READMEs under analyses/).
+so a finite transient moves the measured point, mostly below the true one. With the default
+transient of 2**15 iterations the shift is below 2e-4 for the first five doublings of both maps,
+largest for the first doubling (measured in the READMEs under analyses/).
 """
 
 from __future__ import annotations
