@@ -133,7 +133,11 @@ def analyze_record(
             "displacement_per_cycle": measured.displacement_per_cycle.tolist(),
         }
         parts.append(_exploration_dataset(measured, snapshot_steps))
-        if "top_eigenvectors" in dataset and probes is not None:
+        vectors_match = (
+            "top_eigenvectors" in dataset
+            and dataset["top_eigenvectors"].shape[-1] == params.shape[1]
+        )
+        if vectors_match and probes is not None:
             alignment = step_alignment(
                 params, snapshot_steps, dataset["top_eigenvectors"].values, probes[0]
             )
