@@ -25,6 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from dynscope import _mlp_hessian, losses, models
+from dynscope._lanczos import (
+    LanczosResult,
+    PowerIterationResult,
+    TraceEstimate,
+    hutch_plus_plus,
+    hutchinson,
+    lanczos,
+    power_iteration,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +41,25 @@ LossFunction = Callable[..., Tensor]
 """A `dynscope.losses.ClassificationLoss` or any callable ``(outputs, targets) -> scalar``."""
 
 SPECTRA = ("full", "topk")
+TRACE_METHODS = ("auto", "exact", "hutchinson", "hutch++")
+
+__all__ = [
+    "LanczosResult",
+    "PowerIterationResult",
+    "Spectrum",
+    "TraceEstimate",
+    "dense_hessian",
+    "hessian",
+    "hessian_trace",
+    "hessian_vector_product",
+    "hutch_plus_plus",
+    "hutchinson",
+    "lanczos",
+    "ntk_eigenvalues",
+    "power_iteration",
+    "probe",
+    "top_eigenvalues",
+]
 
 
 @dataclass(frozen=True)
@@ -165,7 +193,203 @@ def probe(
         raise ValueError(f"invalid spectrum {spectrum!r}: use one of {', '.join(SPECTRA)}")
     if eigenvectors < 0:
         raise ValueError(f"invalid eigenvectors {eigenvectors!r}: use a count >= 0")
-    return _full_spectrum(hessian(model, loss_fn, inputs, targets, step), eigenvectors)
+    if spectrum == "full":
+        return _full_spectrum(hessian(model, loss_fn, inputs, targets, step), eigenvectors)
+
+    if eigenvectors > topk:
+        raise ValueError(
+            f"invalid eigenvectors {eigenvectors!r}: Lanczos finds topk = {topk} eigenpairs, "
+            "so ask for at most topk eigenvectors"
+        )
+    start = None
+    if previous is not None and previous.eigenvectors is not None:
+        start = torch.from_numpy(previous.eigenvectors[0])
+    result = top_eigenvalues(model, loss_fn, inputs, targets, step, k=topk, start=start)
+    trace = hessian_trace(model, loss_fn, inputs, targets, step)
+    return Spectrum(
+        eigenvalues=result.eigenvalues,
+        eigenvectors=result.eigenvectors[:eigenvectors] if eigenvectors else None,
+        trace=trace.value,
+        residuals=result.residuals,
+        method=f"lanczos, {trace.method} trace",
+    )
+
+
+def hessian_vector_product(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    inputs: Tensor,
+    targets: Tensor,
+    step: int = 0,
+) -> Callable[[Tensor], Tensor]:
+    """Build the map v -> H v at the current parameters, without forming H.
+
+    Each product is one forward-over-reverse pass (``torch.func.jvp`` of ``torch.func.grad``),
+    about the cost of three gradient evaluations. The parameters are copied when the map is
+    built, so later training steps do not change it.
+
+    Parameters
+    ----------
+    model, loss_fn, inputs, targets, step
+        As in `hessian`.
+
+    Returns
+    -------
+    Callable
+        A function from a (P,) vector to the (P,) product in the parameters' dtype.
+    """
+    loss_of_flat, flat = _flat_loss(model, loss_fn, inputs, targets, step)
+    gradient = torch.func.grad(loss_of_flat)
+
+    def product(vector: Tensor) -> Tensor:
+        tangent = vector.to(dtype=flat.dtype, device=flat.device)
+        return torch.func.jvp(gradient, (flat,), (tangent,))[1].detach()
+
+    return product
+
+
+def top_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    inputs: Tensor,
+    targets: Tensor,
+    step: int = 0,
+    *,
+    k: int = 10,
+    tol: float = 1e-6,
+    max_iterations: int | None = None,
+    start: Tensor | None = None,
+    seed: int = 0,
+) -> LanczosResult:
+    """Find the k largest Hessian eigenvalues by Lanczos on Hessian-vector products.
+
+    Parameters
+    ----------
+    model, loss_fn, inputs, targets, step
+        As in `hessian`.
+    k, tol, max_iterations, start, seed
+        As in `lanczos`: ``tol`` bounds each residual ``||H v - lambda v||`` relative to the
+        largest eigenvalue in magnitude; ``start`` warm-starts from a previous eigenvector.
+
+    Returns
+    -------
+    LanczosResult
+        Eigenvalues descending, unit eigenvectors (k, P), residual norms and the product count.
+    """
+    size = sum(parameter.numel() for parameter in model.parameters())
+    product = hessian_vector_product(model, loss_fn, inputs, targets, step)
+    return lanczos(product, size, k, tol=tol, max_iterations=max_iterations, start=start, seed=seed)
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    inputs: Tensor,
+    targets: Tensor,
+    step: int = 0,
+    *,
+    method: str = "auto",
+    samples: int = 30,
+    seed: int = 0,
+) -> TraceEstimate:
+    """Compute or estimate the trace of the Hessian.
+
+    Parameters
+    ----------
+    model, loss_fn, inputs, targets, step
+        As in `hessian`.
+    method
+        ``"exact"``: the sum of the exact diagonal (cheap for an MLP under a dynscope loss, a
+        dense Hessian otherwise); ``"hutchinson"`` or ``"hutch++"``: random estimates from
+        ``samples`` Hessian-vector products; ``"auto"``: exact for an MLP under a dynscope loss,
+        Hutch++ otherwise.
+    samples
+        Number of Hessian-vector products of a random estimate.
+    seed
+        Seed of the random probe vectors.
+
+    Returns
+    -------
+    TraceEstimate
+        The value with its standard error (0 when exact).
+    """
+    if method not in TRACE_METHODS:
+        raise ValueError(f"invalid method {method!r}: use one of {', '.join(TRACE_METHODS)}")
+    linears = _mlp_hessian.mlp_linears(model)
+    fast = linears is not None and _mlp_hessian.is_closed_form_loss(loss_fn)
+    if method == "exact" or (method == "auto" and fast):
+        if linears is not None and fast:
+            assert isinstance(model, models.MLP)
+            assert isinstance(loss_fn, losses.ClassificationLoss)
+            dtype = linears[0].weight.dtype
+            diagonal = _mlp_hessian.mlp_hessian_diagonal(
+                linears,
+                model.activation,
+                loss_fn,
+                inputs.to(dtype=dtype, device=linears[0].weight.device),
+                targets.to(device=linears[0].weight.device),
+                step,
+            )
+        else:
+            diagonal = torch.diagonal(dense_hessian(model, loss_fn, inputs, targets, step))
+        return TraceEstimate(float(diagonal.double().sum()), 0.0, 0, "exact")
+
+    size = sum(parameter.numel() for parameter in model.parameters())
+    product = hessian_vector_product(model, loss_fn, inputs, targets, step)
+    if method == "hutchinson":
+        return hutchinson(product, size, samples, seed=seed)
+    return hutch_plus_plus(product, size, samples, seed=seed)
+
+
+def ntk_eigenvalues(model: nn.Module, inputs: Tensor, k: int) -> np.ndarray:
+    """Compute the k largest eigenvalues of the empirical neural tangent kernel.
+
+    The kernel is the (N C, N C) Gram matrix J J^T of the per-sample output Jacobians J with
+    respect to all parameters. For a `dynscope.models.MLP` it is summed layer by layer from
+    products of smaller Gram matrices; for other modules J comes from ``torch.func.jacrev``.
+
+    Parameters
+    ----------
+    model
+        The network, a pure function of its parameters.
+    inputs
+        Inputs (N, D), converted to the parameters' dtype.
+    k
+        Number of eigenvalues, 1 <= k <= N C.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 (k,), descending.
+    """
+    parameter = next(model.parameters())
+    inputs = inputs.to(dtype=parameter.dtype, device=parameter.device)
+    linears = _mlp_hessian.mlp_linears(model)
+    if linears is not None:
+        assert isinstance(model, models.MLP)
+        gram = _mlp_hessian.mlp_ntk(linears, model.activation, inputs)
+    else:
+        jacobian = _output_jacobian(model, inputs)
+        gram = jacobian @ jacobian.T
+    if not 1 <= k <= gram.shape[0]:
+        raise ValueError(
+            f"invalid k {k!r}: the NTK has {gram.shape[0]} eigenvalues (samples times outputs), "
+            "so use 1 <= k <= that"
+        )
+    values = torch.linalg.eigvalsh(gram)
+    return values.flip(0)[:k].double().cpu().numpy()
+
+
+def _output_jacobian(model: nn.Module, inputs: Tensor) -> Tensor:
+    """Return the Jacobian (N C, P) of the flattened outputs with respect to the parameters."""
+    named = {name: value.detach() for name, value in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def outputs_of(parameters: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(model, {**parameters, **buffers}, (inputs,)).reshape(-1)
+
+    pieces = torch.func.jacrev(outputs_of)(named)
+    return torch.cat([pieces[name].reshape(pieces[name].shape[0], -1) for name in named], dim=1)
 
 
 def _full_spectrum(matrix: Tensor, eigenvectors: int) -> Spectrum:

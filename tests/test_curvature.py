@@ -166,3 +166,195 @@ def test_mlp_hessian_float32_matches_reference(name, activation, depth):
     expected = reference_hessian(model, loss_fn, inputs.float().double(), targets, step=5)
     assert actual.dtype == torch.float32
     assert relative_error(actual, expected) < 1e-5
+
+
+def random_symmetric(size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    matrix = rng.standard_normal((size, size))
+    return (matrix + matrix.T) / 2
+
+
+def matrix_product(matrix: np.ndarray):
+    tensor = torch.from_numpy(matrix)
+    return lambda vector: tensor @ vector
+
+
+def test_lanczos_matches_numpy_eigvalsh():
+    matrix = random_symmetric(80, seed=0)
+
+    result = curvature.lanczos(matrix_product(matrix), 80, 5, tol=1e-10)
+
+    expected = np.sort(np.linalg.eigvalsh(matrix))[::-1][:5]
+    assert result.converged
+    assert np.allclose(result.eigenvalues, expected, rtol=1e-9, atol=0)
+    assert np.all(result.residuals < 1e-8 * abs(expected[0]))
+
+
+def test_lanczos_residuals_are_true_residuals():
+    matrix = random_symmetric(60, seed=1)
+
+    result = curvature.lanczos(matrix_product(matrix), 60, 3, tol=1e-4)
+
+    vectors = result.eigenvectors
+    direct = np.linalg.norm(vectors @ matrix - result.eigenvalues[:, None] * vectors, axis=1)
+    assert np.allclose(result.residuals, direct, rtol=1e-6, atol=1e-12)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0)
+
+
+def test_lanczos_warm_start_exact_eigenvector():
+    # A start that is already an eigenvector spans an invariant subspace at once; Lanczos must
+    # restart from a fresh direction to find the other eigenvalues.
+    values = np.array([5.0, 3.0, 2.0, 1.0, -4.0, 0.5])
+    rng = np.random.default_rng(2)
+    rotation, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    matrix = rotation @ np.diag(values) @ rotation.T
+
+    start = torch.from_numpy(rotation[:, 0].copy())
+    result = curvature.lanczos(matrix_product(matrix), 6, 3, tol=1e-10, start=start)
+
+    assert np.allclose(result.eigenvalues, [5.0, 3.0, 2.0], rtol=1e-9)
+
+
+def test_lanczos_rejects_k_above_size():
+    with pytest.raises(ValueError, match="invalid k"):
+        curvature.lanczos(matrix_product(np.eye(3)), 3, 4)
+
+
+def test_top_eigenvalues_match_dense_hessian():
+    model = models.build_mlp(2, 3, width=8, depth=1, activation="tanh", seed=6)
+    inputs, targets = make_batch(count=20, features=2)
+    loss_fn = make_loss("dce")
+
+    result = curvature.top_eigenvalues(model, loss_fn, inputs, targets, 5, k=4, tol=1e-10)
+
+    matrix = reference_hessian(model, loss_fn, inputs, targets, step=5).numpy()
+    expected = np.sort(np.linalg.eigvalsh(matrix))[::-1][:4]
+    assert result.converged
+    assert np.allclose(result.eigenvalues, expected, rtol=1e-8, atol=0)
+
+
+def test_probe_topk_warm_start():
+    model = models.build_mlp(2, 3, width=8, depth=1, activation="relu", seed=7)
+    inputs, targets = make_batch(count=20, features=2)
+    loss_fn = make_loss("mse")
+    first = curvature.probe(model, loss_fn, inputs, targets, 0, spectrum="topk", topk=3)
+    cold = curvature.probe(
+        model, loss_fn, inputs, targets, 0, spectrum="topk", topk=1, eigenvectors=1
+    )
+
+    warm = curvature.probe(
+        model, loss_fn, inputs, targets, 0, spectrum="topk", topk=1, previous=cold
+    )
+
+    matrix = reference_hessian(model, loss_fn, inputs, targets).numpy()
+    expected = np.sort(np.linalg.eigvalsh(matrix))[::-1]
+    assert np.allclose(first.eigenvalues, expected[:3], rtol=1e-5)
+    assert first.residuals is not None
+    assert first.residuals.shape == (3,)
+    assert first.trace == pytest.approx(np.trace(matrix), rel=1e-12)
+    assert warm.eigenvalues[0] == pytest.approx(expected[0], rel=1e-6)
+    assert warm.residuals is not None
+    assert warm.residuals[0] < 1e-5 * expected[0]
+
+
+def test_power_iteration_finds_dominant_eigenvalue():
+    values = np.array([10.0, 6.0, 1.0, -2.0])
+    rotation, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((4, 4)))
+    matrix = rotation @ np.diag(values) @ rotation.T
+
+    result = curvature.power_iteration(matrix_product(matrix), 4, tol=1e-12)
+
+    assert result.converged
+    assert result.eigenvalue == pytest.approx(10.0, rel=1e-9)
+
+
+def test_hutchinson_within_standard_errors():
+    matrix = random_symmetric(50, seed=4) + 20 * np.eye(50)
+    exact = np.trace(matrix)
+
+    estimate = curvature.hutchinson(matrix_product(matrix), 50, 200, seed=1)
+
+    assert estimate.standard_error > 0
+    assert abs(estimate.value - exact) < 4 * estimate.standard_error
+
+
+def test_hutch_plus_plus_within_standard_errors():
+    # A spectrum dominated by a few large eigenvalues, where Hutch++ beats Hutchinson.
+    rng = np.random.default_rng(5)
+    rotation, _ = np.linalg.qr(rng.standard_normal((60, 60)))
+    values = np.concatenate([[100.0, 50.0, 30.0], rng.uniform(-1.0, 1.0, 57)])
+    matrix = rotation @ np.diag(values) @ rotation.T
+    exact = values.sum()
+
+    estimate = curvature.hutch_plus_plus(matrix_product(matrix), 60, 60, seed=2)
+    plain = curvature.hutchinson(matrix_product(matrix), 60, 60, seed=2)
+
+    assert abs(estimate.value - exact) < 4 * estimate.standard_error
+    assert estimate.standard_error < plain.standard_error
+
+
+@pytest.mark.parametrize("method", ["exact", "hutchinson", "hutch++"])
+def test_hessian_trace_methods(method):
+    model = models.build_mlp(2, 3, width=6, depth=2, activation="softplus", seed=8)
+    inputs, targets = make_batch(count=15, features=2)
+    loss_fn = make_loss("dmse1")
+
+    estimate = curvature.hessian_trace(
+        model, loss_fn, inputs, targets, 5, method=method, samples=90, seed=3
+    )
+
+    exact = float(torch.trace(reference_hessian(model, loss_fn, inputs, targets, step=5)))
+    assert estimate.method == method
+    if method == "exact":
+        assert estimate.value == pytest.approx(exact, rel=1e-12)
+    else:
+        assert abs(estimate.value - exact) < 4 * estimate.standard_error
+
+
+def test_hessian_trace_exact_for_plain_callable():
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    inputs, targets = make_batch(features=2)
+
+    def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(outputs, targets)
+
+    estimate = curvature.hessian_trace(model, loss_fn, inputs, targets, method="exact")
+
+    exact = float(torch.trace(reference_hessian(model, loss_fn, inputs, targets)))
+    assert estimate.value == pytest.approx(exact, rel=1e-12)
+
+
+def dense_ntk(model: nn.Module, inputs: Tensor) -> np.ndarray:
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [parameter.shape for _, parameter in model.named_parameters()]
+    sizes = [parameter.numel() for _, parameter in model.named_parameters()]
+
+    def outputs_of(vector: Tensor) -> Tensor:
+        pieces = torch.split(vector, sizes)
+        parameters = {n: p.view(s) for n, p, s in zip(names, pieces, shapes, strict=True)}
+        return torch.func.functional_call(model, parameters, (inputs,)).reshape(-1)
+
+    jacobian = torch.autograd.functional.jacobian(outputs_of, models.flatten_parameters(model))
+    return (jacobian @ jacobian.T).numpy()
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_ntk_eigenvalues_match_dense_gram(activation, depth):
+    model = models.build_mlp(2, 3, width=5, depth=depth, activation=activation, seed=9)
+    inputs, _ = make_batch(count=7, features=2)
+
+    actual = curvature.ntk_eigenvalues(model, inputs, 6)
+
+    expected = np.sort(np.linalg.eigvalsh(dense_ntk(model, inputs)))[::-1][:6]
+    assert np.allclose(actual, expected, rtol=1e-10, atol=0)
+
+
+def test_ntk_eigenvalues_generic_module():
+    model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    inputs, _ = make_batch(count=7, features=2)
+
+    actual = curvature.ntk_eigenvalues(model, inputs, 4)
+
+    expected = np.sort(np.linalg.eigvalsh(dense_ntk(model, inputs)))[::-1][:4]
+    assert np.allclose(actual, expected, rtol=1e-10, atol=0)
