@@ -163,7 +163,7 @@ def forward_backward(
         hessian = pullback @ hessians[0] @ pullback.transpose(1, 2)
         curvature = second[layer]
         if curvature is not None:
-            hessian = hessian + torch.diag_embed(curvature * back)
+            torch.diagonal(hessian, dim1=1, dim2=2).add_(curvature * back)
         gradients.insert(0, first[layer] * back)
         hessians.insert(0, hessian)
     return _Pass(layer_inputs, first, gradients, hessians)
@@ -184,8 +184,8 @@ def mlp_hessian(
         offsets = [sum(sizes[:layer]) for layer in range(len(sizes))]
         total = sum(sizes)
         result = torch.zeros(total, total, dtype=inputs.dtype)
-        # Bounds the temporaries of one block row to about half the Hessian's own size.
-        budget = max(total * total // 2, inputs.shape[0] * max(sizes))
+        # Elements per chunk of temporaries: an eighth of the Hessian, or one N x P_m product.
+        budget = max(total * total // 8, inputs.shape[0] * max(sizes))
 
         for row in range(len(linears)):
             rows = slice(offsets[row], offsets[row] + sizes[row])
