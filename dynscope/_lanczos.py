@@ -241,8 +241,8 @@ def power_iteration(
     """Find the eigenvalue largest in magnitude by power iteration.
 
     Stops when the relative change of the Rayleigh quotient between two iterations is below
-    ``tol``; this is a weaker test than a residual bound, and slow when the two largest
-    eigenvalues are close in magnitude.
+    ``tol``. This is a weaker test than a residual bound. Convergence is slow when the two
+    largest eigenvalues are close in magnitude.
     """
     generator = torch.Generator().manual_seed(seed)
     vector = torch.randn(size, generator=generator, dtype=torch.float64)
@@ -276,8 +276,8 @@ def hutchinson(matvec: MatVec, size: int, samples: int, *, seed: int = 0) -> Tra
 def hutch_plus_plus(matvec: MatVec, size: int, samples: int, *, seed: int = 0) -> TraceEstimate:
     """Estimate the trace by Hutch++ with about ``samples`` products.
 
-    A third of the products sketch the dominant range Q of H, whose trace Q^T H Q is taken
-    exactly, and Hutchinson with the remaining third estimates the trace of the deflated rest
+    A third of the products sketch the dominant range Q of H, and a third give the exact trace
+    of Q^T H Q. Hutchinson with the remaining third estimates the trace of the deflated rest
     (Meyer, Musco, Musco and Woodruff, "Hutch++", SOSA 2021). The standard error is that of the
     Hutchinson part, conditional on the sketch.
     """

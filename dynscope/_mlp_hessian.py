@@ -14,10 +14,10 @@ constant input 1) and parameter (i', j') of layer m <= l is, summed over samples
 
     u_l[j] (Q_l dz_l/dz_m)[i, i'] u_m[j']  +  e_l[i] (da_l/dz_m)[j, i'] u_m[j']
 
-where ``u`` is the layer input extended by 1. The first term holds the Gauss-Newton part
-``J^T H_out J`` and the activation's second derivative; the second term is the cross term between
-layers that remains for ReLU (zero for m = l and for biases of layer l). Every block is formed by
-matrix products whose total cost is about N P^2 multiply-adds.
+where ``u`` is the layer input extended by 1. The first term contains the Gauss-Newton part
+``J^T H_out J`` and the activation's second derivative. The second term is the cross term between
+layers, which remains for ReLU and is zero for m = l and for the biases of layer l. Every block is
+formed by matrix products whose total cost is about N P^2 multiply-adds.
 
 NOTE: memory grows as N * width^2 for ``Q_l`` on top of the P^2 Hessian, so very wide layers on
 many samples are better served by the torch.func path or by Lanczos on Hessian-vector products.
@@ -68,7 +68,7 @@ def mlp_linears(model: nn.Module) -> list[nn.Linear] | None:
 
 
 def is_closed_form_loss(loss_fn: object) -> bool:
-    """Whether the loss is a dynscope loss evaluated by `dynscope.losses.weighted_loss`."""
+    """Return whether the loss is a dynscope loss evaluated by `dynscope.losses.weighted_loss`."""
     if not isinstance(loss_fn, losses.ClassificationLoss):
         return False
     return (
@@ -110,7 +110,7 @@ def output_derivatives(
 
 
 def activation_derivatives(activation: str, pre: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Return sigma'(z) and sigma''(z) (None where it is identically zero) as autograd sees them."""
+    """Return sigma'(z) and sigma''(z) (None if identically zero), matching torch's autograd."""
     if activation == "relu":
         return (pre > 0).to(pre.dtype), None
     if activation == "tanh":

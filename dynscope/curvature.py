@@ -3,8 +3,8 @@
 The model is treated as a pure function of one flat parameter vector, flattened in
 ``model.parameters()`` order (weight before bias within each ``nn.Linear``). `hessian` returns the
 exact dense (P, P) Hessian of the loss in the parameters' dtype. For a `dynscope.models.MLP`
-under one of the five dynscope losses it assembles the Hessian layer by layer from closed forms;
-for any other module or loss it falls back to ``torch.func.hessian``, which is exact but slower.
+under one of the five dynscope losses it assembles the Hessian layer by layer from closed forms.
+For any other module or loss it falls back to ``torch.func.hessian``, which is exact but slower.
 
 `probe` is what the recorder calls every ``hessian_every`` steps. ``spectrum="full"``
 diagonalises the dense Hessian (memory P^2, time P^3, so it suits networks up to roughly 10^4
@@ -299,10 +299,10 @@ def hessian_trace(
     model, loss_fn, inputs, targets, step
         As in `hessian`.
     method
-        ``"exact"``: the sum of the exact diagonal (cheap for an MLP under a dynscope loss, a
-        dense Hessian otherwise); ``"hutchinson"`` or ``"hutch++"``: random estimates from
-        ``samples`` Hessian-vector products; ``"auto"``: exact for an MLP under a dynscope loss,
-        Hutch++ otherwise.
+        ``"exact"`` sums the exact diagonal, which is cheap for an MLP under a dynscope loss
+        and needs the dense Hessian otherwise. ``"hutchinson"`` and ``"hutch++"`` are random
+        estimates from ``samples`` Hessian-vector products. ``"auto"`` is exact for an MLP
+        under a dynscope loss and Hutch++ otherwise.
     samples
         Number of Hessian-vector products of a random estimate.
     seed

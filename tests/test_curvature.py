@@ -89,7 +89,7 @@ def softmax_regression_hessian(weight: Tensor, bias: Tensor, inputs: Tensor) -> 
         augmented += torch.kron(output_hessian, torch.outer(x, x)) / count
 
     # Row-major (class, feature + 1) order puts each bias after its class's weights; the
-    # parameter vector holds all weights first, then the biases.
+    # parameter vector stores all weights first, then the biases.
     order = [c * (features + 1) + j for c in range(classes) for j in range(features)]
     order += [c * (features + 1) + features for c in range(classes)]
     return augmented[order][:, order]

@@ -1,0 +1,296 @@
+"""Compare the MLP Hessian of dynscope.curvature with the generic autodiff Hessians.
+
+Run: ``python benchmarks/hessian.py`` (add ``--quick`` to skip the digits network, whose generic
+references take minutes). Each (network, method) pair runs in a fresh subprocess, which builds the
+network and records its resident memory. It then runs the method ``--repeats`` times (once when
+a run takes longer than 10 s) and reports the median wall time and the peak resident memory above
+the baseline (``resource.getrusage``; tracemalloc does not see torch's allocations), with glibc's
+mmap threshold fixed so that freed tensors leave the resident set. The ratios are
+taken between medians measured in the same invocation. Methods:
+
+- ``dynscope``: `dynscope.curvature.hessian` (the layer-by-layer MLP path);
+- ``torch.func``: ``torch.func.hessian`` of the loss of the flat parameter vector; for the digits
+  network the same forward-over-reverse products are batched with ``torch.func.vmap(...,
+  chunk_size=512)`` because the unchunked vmap would hold N x width x P activations;
+- ``autograd``: ``torch.autograd.functional.hessian`` (one double-backward per row);
+- ``jax``: ``jax.jit(jax.hessian(loss))`` when JAX is importable (skipped otherwise; the time
+  excludes compilation).
+
+Then the top eigenvalue by Lanczos (`dynscope.curvature.top_eigenvalues`, residual tolerance
+1e-6 relative to the eigenvalue) against plain power iteration on the same Hessian-vector products
+stopped when the eigenvalue changes by less than 1e-6 relative (the stopping rule of PyHessian),
+with the error of each against ``eigvalsh`` of the dense Hessian.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dynscope import curvature, data, losses, models
+
+SLOW_SECONDS = 10.0
+CASES = ("spiral", "tanh", "digits")
+METHODS = ("dynscope", "torch.func", "autograd", "jax")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One network, loss and batch to differentiate."""
+
+    name: str
+    description: str
+    model: models.MLP
+    loss: losses.ClassificationLoss
+    inputs: Tensor
+    targets: Tensor
+    step: int
+
+
+def build_case(name: str) -> Case:
+    """Build a benchmark network with its data; the dynamical losses sit mid-oscillation."""
+    if name == "spiral":
+        x, y = data.make_spiral(3, 100)
+        model = models.build_mlp(2, 3, width=100, depth=1, activation="relu")
+        loss = losses.make_loss("dce", 3, amplitude=70.0, period=5000)
+        description = "spiral, 2-100-3 ReLU, N = 300, float64, dce"
+        return Case(name, description, model, loss, torch.from_numpy(x), torch.from_numpy(y), 1250)
+    if name == "tanh":
+        x, y = data.make_spiral(3, 300)
+        model = models.build_mlp(2, 3, width=64, depth=2, activation="tanh", dtype=torch.float32)
+        loss = losses.make_loss("dmse1", 3, amplitude=10.0, period=1000)
+        description = "spiral, 2-64-64-3 tanh, N = 900, float32, dmse1"
+        inputs = torch.from_numpy(x).float()
+        return Case(name, description, model, loss, inputs, torch.from_numpy(y), 250)
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        model = models.build_mlp(64, 10, width=128, depth=1, activation="relu")
+        description = "sklearn digits, 64-128-10 ReLU, N = 1797, float64, ce"
+        inputs = torch.from_numpy(digits.data / 16.0)
+        targets = torch.from_numpy(digits.target).long()
+        return Case(name, description, model, losses.CrossEntropy(10), inputs, targets, 0)
+    raise ValueError(f"unknown case {name!r}: use one of {', '.join(CASES)}")
+
+
+def flat_loss(case: Case) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """Return the loss as a function of the flat parameters, and the current parameters."""
+    names = [name for name, _ in case.model.named_parameters()]
+    shapes = [parameter.shape for _, parameter in case.model.named_parameters()]
+    sizes = [parameter.numel() for _, parameter in case.model.named_parameters()]
+    flat = models.flatten_parameters(case.model)
+    inputs = case.inputs.to(flat.dtype)
+
+    def loss_of_flat(vector: Tensor) -> Tensor:
+        pieces = torch.split(vector, sizes)
+        parameters = {n: p.view(s) for n, p, s in zip(names, pieces, shapes, strict=True)}
+        outputs = torch.func.functional_call(case.model, parameters, (inputs,))
+        return case.loss(outputs, case.targets, step=case.step)
+
+    return loss_of_flat, flat
+
+
+def method_function(case: Case, method: str) -> Callable[[], object]:
+    """Return a function computing the dense Hessian with one method."""
+    if method == "dynscope":
+        return lambda: curvature.hessian(
+            case.model, case.loss, case.inputs, case.targets, case.step
+        )
+    loss_of_flat, flat = flat_loss(case)
+    if method == "torch.func":
+        if case.name != "digits":
+            return lambda: torch.func.hessian(loss_of_flat)(flat)
+        gradient = torch.func.grad(loss_of_flat)
+
+        def row(tangent: Tensor) -> Tensor:
+            return torch.func.jvp(gradient, (flat,), (tangent,))[1]
+
+        identity = torch.eye(flat.numel(), dtype=flat.dtype)
+        return lambda: torch.func.vmap(row, chunk_size=512)(identity)
+    if method == "autograd":
+        return lambda: torch.autograd.functional.hessian(loss_of_flat, flat)
+    if method == "jax":
+        return jax_hessian(case)
+    raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+
+
+def jax_hessian(case: Case) -> Callable[[], object]:
+    """Return a compiled JAX Hessian of the same loss; raises ImportError without JAX."""
+    # NOTE: this path runs only where JAX is installed; it was not run for docs/benchmarks.md.
+    import jax
+    import jax.numpy as jnp
+
+    if case.inputs.dtype == torch.float64 or case.model.linears[0].weight.dtype == torch.float64:
+        jax.config.update("jax_enable_x64", True)
+    layers = [
+        (lin.weight.detach().numpy(), lin.bias.detach().numpy()) for lin in case.model.linears
+    ]
+    sizes = [w.size + b.size for w, b in layers]
+    flat = jnp.asarray(models.flatten_parameters(case.model).numpy())
+    inputs = jnp.asarray(case.inputs.to(case.model.linears[0].weight.dtype).numpy())
+    targets = case.targets.numpy()
+    classes = layers[-1][0].shape[0]
+    gamma = jnp.asarray(case.loss.gamma_at(case.step, classes), dtype=flat.dtype)
+    one_hot = jnp.eye(classes, dtype=flat.dtype)[targets]
+    activation = {"relu": jax.nn.relu, "tanh": jnp.tanh}[case.model.activation]
+
+    def loss(vector):  # type: ignore[no-untyped-def]
+        hidden = inputs
+        offset = 0
+        for index, (weight, _) in enumerate(layers):
+            w = vector[offset : offset + weight.size].reshape(weight.shape)
+            b = vector[offset + weight.size : offset + sizes[index]]
+            offset += sizes[index]
+            hidden = hidden @ w.T + b
+            if index < len(layers) - 1:
+                hidden = activation(hidden)
+        sample_weight = gamma[targets] if case.loss.name in ("dce", "dmse1") else 1.0
+        if case.loss.name in ("ce", "dce"):
+            per_sample = -jnp.sum(one_hot * jax.nn.log_softmax(hidden), axis=1)
+        else:
+            per_sample = jnp.sum((hidden - one_hot) ** 2, axis=1)
+        return jnp.mean(sample_weight * per_sample)
+
+    compiled = jax.jit(jax.hessian(loss))
+    compiled(flat).block_until_ready()
+    return lambda: compiled(flat).block_until_ready()
+
+
+def resident_bytes() -> int:
+    """Return the current resident set size of this process."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(case_name: str, method: str, repeats: int) -> dict[str, object]:
+    """Time one method on one case in this process; return the median and the peak memory."""
+    case = build_case(case_name)
+    try:
+        compute = method_function(case, method)
+    except ImportError as error:
+        return {"skipped": f"{error}"}
+    baseline = resident_bytes()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        compute()
+        times.append(time.perf_counter() - started)
+        if times[-1] > SLOW_SECONDS:
+            break
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    size = sum(parameter.numel() for parameter in case.model.parameters())
+    itemsize = case.model.linears[0].weight.element_size()
+    return {
+        "median_s": statistics.median(times),
+        "runs": len(times),
+        "peak_mb": (peak - baseline) / 2**20,
+        "hessian_mb": size * size * itemsize / 2**20,
+        "params": size,
+    }
+
+
+def measure_in_subprocess(case_name: str, method: str, repeats: int) -> dict[str, object]:
+    """Run `measure` in a fresh interpreter, so peak memory belongs to this method alone."""
+    command = [sys.executable, __file__, "--measure", case_name, method, "--repeats", str(repeats)]
+    # A fixed mmap threshold makes glibc return every large block at once, so the resident size
+    # follows the live tensors instead of freed memory kept in the heap.
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    completed = subprocess.run(
+        command, capture_output=True, text=True, check=False, env=environment
+    )
+    if completed.returncode != 0:
+        return {"skipped": completed.stderr.strip().splitlines()[-1]}
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def compare_top_eigenvalue(case_name: str) -> None:
+    """Print Lanczos and power iteration for the top eigenvalue at tolerance 1e-6."""
+    case = build_case(case_name)
+    dense = curvature.hessian(case.model, case.loss, case.inputs, case.targets, case.step)
+    exact = float(torch.linalg.eigvalsh(dense.double())[-1])
+    size = dense.shape[0]
+
+    started = time.perf_counter()
+    result = curvature.top_eigenvalues(
+        case.model, case.loss, case.inputs, case.targets, case.step, k=1, tol=1e-6
+    )
+    lanczos_time = time.perf_counter() - started
+
+    product = curvature.hessian_vector_product(
+        case.model, case.loss, case.inputs, case.targets, case.step
+    )
+    started = time.perf_counter()
+    power = curvature.power_iteration(product, size, tol=1e-6, max_iterations=5000)
+    power_time = time.perf_counter() - started
+
+    lanczos_error = abs(float(result.eigenvalues[0]) - exact) / abs(exact)
+    power_error = abs(power.eigenvalue - exact) / abs(exact)
+    print(f"  exact top eigenvalue (eigvalsh): {exact:.10g}")
+    print(
+        f"  lanczos: {result.matvecs} products, {lanczos_time:.3f} s, "
+        f"relative error {lanczos_error:.1e}, residual {float(result.residuals[0]):.1e}"
+    )
+    print(
+        f"  power iteration: {power.matvecs} products, {power_time:.3f} s, "
+        f"relative error {power_error:.1e}, converged {power.converged}"
+    )
+    print(f"  ratio power / lanczos: {power_time / lanczos_time:.1f}x time")
+
+
+def main() -> None:
+    """Parse the options, then run every comparison and print the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method")
+    parser.add_argument("--quick", action="store_true", help="skip the digits network")
+    parser.add_argument("--measure", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.measure:
+        print(json.dumps(measure(*options.measure, options.repeats)))
+        return
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    cases = CASES[:2] if options.quick else CASES
+    for case_name in cases:
+        case = build_case(case_name)
+        size = sum(parameter.numel() for parameter in case.model.parameters())
+        print(f"\n{case.description}, P = {size}")
+        results = {}
+        for method in METHODS:
+            results[method] = measure_in_subprocess(case_name, method, options.repeats)
+            values = results[method]
+            if "skipped" in values:
+                print(f"  {method:<11} skipped: {values['skipped']}")
+                continue
+            print(
+                f"  {method:<11} {values['median_s']:9.3f} s (median of {values['runs']}), "
+                f"peak {values['peak_mb']:8.1f} MB "
+                f"({values['peak_mb'] / values['hessian_mb']:.1f}x the Hessian)"
+            )
+        fast = results["dynscope"]["median_s"]
+        for method in METHODS[1:]:
+            if "skipped" not in results[method]:
+                ratio = results[method]["median_s"] / fast
+                print(f"  ratio {method} / dynscope: {ratio:.1f}x")
+
+    for case_name in ("spiral", "tanh") if options.quick else ("spiral", "tanh", "digits"):
+        print(f"\ntop eigenvalue, {build_case(case_name).description}")
+        compare_top_eigenvalue(case_name)
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
