@@ -74,6 +74,19 @@ class CurvatureReduction:
     ratio: float
 
 
+def first_upward_crossing(
+    probe_steps: np.ndarray, lambda_max: np.ndarray, edge: np.ndarray | float
+) -> int | None:
+    """Return the first probe step where lambda_max rises from below the edge to above it.
+
+    A run that starts above the edge (a sharp initialisation) has not crossed it there: the first
+    crossing is the first rise after lambda_max has been below the edge.
+    """
+    above = np.asarray(lambda_max, dtype=np.float64) > np.asarray(edge, dtype=np.float64)
+    rises = np.flatnonzero(above[1:] & ~above[:-1]) + 1
+    return int(np.asarray(probe_steps)[rises[0]]) if rises.size else None
+
+
 def sharpness(
     probe_steps: np.ndarray,
     lambda_max: np.ndarray,
@@ -108,8 +121,7 @@ def sharpness(
     trace = np.full(lambda_max.shape, np.nan) if trace is None else np.asarray(trace, float)
 
     above = lambda_max > edge
-    crossings = np.flatnonzero(above)
-    first_crossing = int(probe_steps[crossings[0]]) if crossings.size else None
+    first_crossing = first_upward_crossing(probe_steps, lambda_max, edge)
 
     cycles = np.empty(0, dtype=np.int64)
     cycle_end = np.empty(0)

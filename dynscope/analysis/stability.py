@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynscope.analysis.periods import period_doubling_events
+from dynscope.analysis.sharpness import first_upward_crossing
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,16 @@ def edge_of_stability_lag(
         As in `period_doubling_events`.
     """
     probe_steps = np.asarray(probe_steps, dtype=np.int64)
-    above = np.asarray(lambda_max, dtype=np.float64) > np.asarray(edge, dtype=np.float64)
-    crossings = np.flatnonzero(above)
-    crossing = int(probe_steps[crossings[0]]) if crossings.size else None
+    crossing = first_upward_crossing(probe_steps, np.asarray(lambda_max), edge)
 
     events = period_doubling_events(track, steps, min_duration=min_duration, max_gap=max_gap)
     onsets = [e.step for e in events if e.from_period == 1 and e.to_period == 2]
     if crossing is not None:
-        onsets = [step for step in onsets if step >= crossing]
+        # The crossing happened somewhere after the previous probe, so an onset in that interval
+        # follows it within the probe resolution (its lag reads negative, at most one interval).
+        index = int(np.flatnonzero(probe_steps == crossing)[0])
+        earliest = probe_steps[index - 1] + 1 if index > 0 else crossing
+        onsets = [step for step in onsets if step >= earliest]
     onset = onsets[0] if onsets else None
 
     lag = onset - crossing if onset is not None and crossing is not None else None
