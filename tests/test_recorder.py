@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dynscope.data import load_dataset
 
 from dynscope import losses, models, open_record
 from dynscope.config import RecordConfig
+from dynscope.data import load_dataset
 from dynscope.recorder import record
 
 
@@ -83,7 +83,7 @@ def test_loss_matches_recomputation(small_record, small_config) -> None:
 
     for index, step in enumerate(ds["snapshot_step"].values):
         model, x, y = _model_at(small_config, ds["params"].values[index])
-        value = float(loss(model(x), y, step=int(step)))
+        value = float(loss(model(x), y, step=int(step)).detach())
         assert ds["loss"].sel(step=step).item() == pytest.approx(value, rel=1e-12)
 
 
@@ -160,3 +160,33 @@ def test_existing_output_needs_force(tmp_path, small_config) -> None:
     with pytest.raises(ValueError, match="pass --force"):
         record(small_config, path, quiet=True)
     assert path.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("dataset", ["spiral", "moons", "digits", "iris", "data/example_blobs.csv"])
+@pytest.mark.parametrize("loss_name", ["ce", "dce", "mse", "dmse1", "dmse2"])
+def test_record_each_loss_and_dataset(tmp_path, dataset: str, loss_name: str) -> None:
+    from pathlib import Path
+
+    if dataset.startswith("data/"):
+        dataset = str(Path(__file__).parent.parent / dataset)
+    config = RecordConfig(
+        steps=6, dataset=dataset, loss=loss_name, width=8, period=3, amplitude=4.0, lr=0.1,
+        hessian_every=3, snapshot_every=3, flush_every=4,
+    )  # fmt: skip
+    result = record(config, tmp_path / "run.nc", quiet=True)
+    ds = open_record(tmp_path / "run.nc")
+
+    assert result.status == "complete"
+    assert ds.sizes["step"] == 6
+    assert np.all(np.isfinite(ds["loss"].values))
+    assert np.all(np.abs(ds["gamma"].sum("label").values - ds.sizes["label"]) < 1e-12)
+
+
+def test_digits_dce_has_ten_labels(tmp_path) -> None:
+    config = RecordConfig(steps=3, dataset="digits", width=8, hessian_every=0, period=2)
+    record(config, tmp_path / "digits.nc", quiet=True)
+    ds = open_record(tmp_path / "digits.nc")
+
+    assert ds.sizes["label"] == 10
+    assert ds["gamma"].shape == (3, 10)
+    assert ds["gamma"].values[1].max() > 1.0
