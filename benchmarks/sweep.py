@@ -1,0 +1,107 @@
+"""Measure the two ways dynscope scales out: seed ensembles and Dask workers.
+
+Baselines and ratios printed (medians of --repeats runs, torch limited to one thread per
+process so that the comparisons do not depend on intra-op threading):
+- ensemble: `record_ensemble` of 16 seeds against 16 sequential `record` calls (spiral, width
+  100, probes off; target: at least 5x faster);
+- workers: `run_sweep` of a CPU-bound grid on 2 worker processes against 1 (target: at least
+  1.6x faster). The clusters are started and their workers have imported dynscope before the
+  clock starts, so the ratio measures the runs, not the start-up.
+
+Usage: python benchmarks/sweep.py [--steps 500] [--grid-steps 1500] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dynscope import recorder
+from dynscope.config import RecordConfig
+from dynscope.ensemble import record_ensemble
+from dynscope.sweep import run_sweep, study_from_dict
+
+SEEDS = tuple(range(16))
+
+
+def median_seconds(action: Callable[[], None], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def time_sequential(config: RecordConfig) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in SEEDS:
+            recorder.record(config.replace(seed=seed), Path(folder) / f"{seed}.nc", quiet=True)
+
+
+def time_ensemble(config: RecordConfig) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        record_ensemble(config, SEEDS, folder, quiet=True)
+
+
+def time_grid(grid_steps: int, workers: int, repeats: int) -> float:
+    from distributed import Client, LocalCluster
+
+    study = study_from_dict(
+        {
+            "record": {"steps": grid_steps, "hessian_every": 0, "snapshot_every": 0},
+            "sweep": {"seed": [0, 1, 2, 3]},
+        }
+    )
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        host="127.0.0.1",
+    )
+    client = Client(cluster)
+    client.run(lambda: __import__("dynscope.recorder"))
+
+    def action() -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            run_sweep(study, folder, scheduler=cluster.scheduler_address, quiet=True)
+
+    try:
+        return median_seconds(action, repeats)
+    finally:
+        client.close()
+        cluster.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=500, help="Steps of each ensemble run.")
+    parser.add_argument("--grid-steps", type=int, default=1500, help="Steps of each grid run.")
+    parser.add_argument("--repeats", type=int, default=3, help="Repeats per measurement.")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    config = RecordConfig(steps=args.steps, width=100, hessian_every=0)
+    time_ensemble(config.replace(steps=2))  # imports and first-call set-up of torch.func
+    sequential = median_seconds(lambda: time_sequential(config), args.repeats)
+    ensemble = median_seconds(lambda: time_ensemble(config), args.repeats)
+    print(f"16 sequential runs ({args.steps} steps, width 100): {sequential:.2f} s")
+    print(f"ensemble of 16 seeds:                       {ensemble:.2f} s")
+    print(f"ensemble speed-up: {sequential / ensemble:.2f}x (target >= 5)")
+
+    one = time_grid(args.grid_steps, 1, args.repeats)
+    two = time_grid(args.grid_steps, 2, args.repeats)
+    print(f"grid of 4 runs ({args.grid_steps} steps) on 1 worker:  {one:.2f} s")
+    print(f"grid of 4 runs ({args.grid_steps} steps) on 2 workers: {two:.2f} s")
+    print(f"worker speed-up: {one / two:.2f}x (target >= 1.6)")
+
+
+if __name__ == "__main__":
+    main()
