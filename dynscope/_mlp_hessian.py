@@ -84,7 +84,9 @@ def output_derivatives(
     Closed forms of `dynscope.losses.weighted_loss`, with the 1/N of the mean included.
     """
     count, classes = outputs.shape
-    weights = torch.as_tensor(loss_fn.gamma_at(step, classes), dtype=outputs.dtype)
+    weights = torch.as_tensor(
+        loss_fn.gamma_at(step, classes), dtype=outputs.dtype, device=outputs.device
+    )
     one_hot = nn.functional.one_hot(targets, classes).to(outputs.dtype)
     name = loss_fn.name
 
@@ -104,7 +106,7 @@ def output_derivatives(
 
     sample_weight = weights[targets] if name == "dmse1" else torch.ones_like(outputs[:, 0])
     gradient = 2.0 * sample_weight[:, None] * (outputs - one_hot) / count
-    identity = torch.eye(classes, dtype=outputs.dtype)
+    identity = torch.eye(classes, dtype=outputs.dtype, device=outputs.device)
     curvature = 2.0 * sample_weight[:, None, None] * identity / count
     return gradient, curvature
 
@@ -183,7 +185,7 @@ def mlp_hessian(
         sizes = [linear.weight.numel() + linear.bias.numel() for linear in linears]
         offsets = [sum(sizes[:layer]) for layer in range(len(sizes))]
         total = sum(sizes)
-        result = torch.zeros(total, total, dtype=inputs.dtype)
+        result = torch.zeros(total, total, dtype=inputs.dtype, device=inputs.device)
         # Elements per chunk of temporaries: an eighth of the Hessian, or one N x P_m product.
         budget = max(total * total // 8, inputs.shape[0] * max(sizes))
 
@@ -223,7 +225,7 @@ def mlp_hessian(
 
 def _extend(layer_input: Tensor) -> Tensor:
     """Append the constant input 1 that multiplies the biases."""
-    ones = torch.ones(layer_input.shape[0], 1, dtype=layer_input.dtype)
+    ones = torch.ones(layer_input.shape[0], 1, dtype=layer_input.dtype, device=layer_input.device)
     return torch.cat([layer_input, ones], dim=1)
 
 
@@ -391,8 +393,11 @@ def mlp_ntk(linears: list[nn.Linear], activation: str, inputs: Tensor) -> Tensor
         count = inputs.shape[0]
         classes = linears[-1].out_features
         # d f / d z_l per sample, (N, C, out_l), from the output layer backwards
-        sensitivity = torch.eye(classes, dtype=inputs.dtype).expand(count, classes, classes)
-        gram = torch.zeros(count * classes, count * classes, dtype=inputs.dtype)
+        identity = torch.eye(classes, dtype=inputs.dtype, device=inputs.device)
+        sensitivity = identity.expand(count, classes, classes)
+        gram = torch.zeros(
+            count * classes, count * classes, dtype=inputs.dtype, device=inputs.device
+        )
         for layer in range(len(linears) - 1, -1, -1):
             input_gram = layer_inputs[layer] @ layer_inputs[layer].T + 1.0  # (N, N)
             flat = sensitivity.reshape(count * classes, -1)

@@ -136,6 +136,34 @@ FAST_PATH_CASES = [("relu", 0)] + [
 ]
 
 
+def test_mlp_hessian_skips_torch_func(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the MLP path must not call torch.func.hessian")
+
+    monkeypatch.setattr(torch.func, "hessian", fail)
+    model = models.build_mlp(2, 3, width=4, depth=1)
+    inputs, targets = make_batch(features=2)
+
+    result = curvature.hessian(model, make_loss("dce"), inputs, targets, step=5)
+
+    assert result.shape == (27, 27)
+
+
+def test_subclassed_loss_uses_torch_func():
+    class ScaledCrossEntropy(losses.CrossEntropy):
+        def forward(self, outputs: Tensor, targets: Tensor, step: int = 0) -> Tensor:
+            return 3.0 * super().forward(outputs, targets, step)
+
+    model = models.build_mlp(2, 3, width=4, depth=1, seed=10)
+    inputs, targets = make_batch(features=2)
+    loss_fn = ScaledCrossEntropy(3)
+
+    actual = curvature.hessian(model, loss_fn, inputs, targets)
+
+    expected = reference_hessian(model, loss_fn, inputs, targets)
+    assert relative_error(actual, expected) < 1e-12
+
+
 @pytest.mark.parametrize("name", LOSS_NAMES)
 @pytest.mark.parametrize(("activation", "depth"), FAST_PATH_CASES)
 def test_mlp_hessian_float64_matches_reference(name, activation, depth):
