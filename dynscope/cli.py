@@ -114,9 +114,22 @@ def main(verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing record.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted record from its last flush.")
 @click.option("--quiet", is_flag=True, help="Hide the progress bar.")
+@click.option(
+    "--ensemble",
+    "ensemble_size",
+    type=int,
+    default=0,
+    help="Train N seeds (seed, seed+1, ...) together with vmap; --output is then a folder.",
+)
 @_record_options
 def record(
-    config_path: str | None, output: str, force: bool, resume: bool, quiet: bool, **options: Any
+    config_path: str | None,
+    output: str,
+    force: bool,
+    resume: bool,
+    quiet: bool,
+    ensemble_size: int,
+    **options: Any,
 ) -> None:
     """Train one network and record every step into a netCDF file."""
 
@@ -128,6 +141,10 @@ def record(
         config = RecordConfig.from_dict(values).validate()
         if resume and force:
             raise ValueError("--resume and --force contradict each other; pass only one")
+        if ensemble_size < 0:
+            raise ValueError(f"invalid ensemble {ensemble_size}: use a number of seeds >= 1")
+        if ensemble_size:
+            return _record_ensemble(config, output, ensemble_size, force, resume, quiet)
 
         result = run_record(config, output, force=force, resume=resume, quiet=quiet)
         if result.status == "diverged":
@@ -150,6 +167,64 @@ def record(
                 err=True,
             )
         return result.exit_code
+
+    _run_safely(action)
+
+
+def _record_ensemble(
+    config: RecordConfig, output: str, size: int, force: bool, resume: bool, quiet: bool
+) -> int:
+    from dynscope.ensemble import record_ensemble
+
+    if resume:
+        raise ValueError(
+            "--ensemble cannot resume; resume each member record alone with "
+            "dynscope record --resume -o FOLDER/seed-N.nc"
+        )
+    folder = Path(output)
+    if not folder.parent.exists():
+        raise ValueError(f"output folder not found: {folder.parent}; create it first")
+    folder.mkdir(exist_ok=True)
+    seeds = range(config.seed, config.seed + size)
+    results = record_ensemble(config, seeds, folder, force=force, quiet=quiet)
+    for result in results:
+        click.echo(f"{result.path}: {result.status}, {result.last_step + 1} steps", err=True)
+    return max(result.exit_code for result in results)
+
+
+@main.command()
+@click.argument("study_path", metavar="STUDY", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Folder of the records.")
+@click.option(
+    "--workers", default=2, show_default=True, help="Worker processes of the local cluster."
+)
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler.")
+@click.option("--ensemble", is_flag=True, help="Train runs that differ only by seed together.")
+@click.option("--quiet", is_flag=True, help="Hide the progress bar.")
+def sweep(
+    study_path: str,
+    output: str,
+    workers: int,
+    scheduler: str | None,
+    ensemble: bool,
+    quiet: bool,
+) -> None:
+    """Record every grid point of a study file (TOML with [record] and [sweep]) into OUTPUT."""
+
+    def action() -> int:
+        from dynscope.sweep import load_study, run_sweep
+
+        study = load_study(study_path)
+        result = run_sweep(
+            study, output, workers=workers, scheduler=scheduler, ensemble=ensemble, quiet=quiet
+        )
+        for run in result.failed:
+            click.echo(f"Error: run {run.name} {run.params} failed: {run.error}", err=True)
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts().items()))
+        click.echo(
+            f"Sweep of {len(result.runs)} runs in {result.wall_time:.1f} s: {counts}", err=True
+        )
+        return 1 if result.failed else 0
 
     _run_safely(action)
 
