@@ -22,6 +22,30 @@ TOP_COLOURED = 5
 """Eigenvalue trajectories drawn in colour in the spectrum figure; the rest are grey."""
 
 
+ROBUST_PERCENTILE = 0.5
+"""Percentile cut at each end when choosing the y-range of a scatter of dF."""
+
+
+def _set_robust_limits(axis: plt.Axes, values: np.ndarray) -> None:
+    """Fit the y-range to the central 99% of the values, so a few outliers (the large jumps
+    where a period ends) do not flatten the period-doubling branches; the outliers fall off the
+    plot and the count is written in the corner."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size < 10:
+        return
+    low, high = np.percentile(finite, [ROBUST_PERCENTILE, 100 - ROBUST_PERCENTILE])
+    margin = 0.25 * (high - low) if high > low else max(abs(high), 1e-12)
+    low, high = low - margin, high + margin
+    outside = int(np.count_nonzero((finite < low) | (finite > high)))
+    axis.set_ylim(low, high)
+    if outside:
+        axis.text(
+            0.99, 0.02, f"{outside} points outside", transform=axis.transAxes,
+            ha="right", va="bottom", fontsize=6, color="0.4",
+        )  # fmt: skip
+
+
 def plot_overview(
     path: str | Path,
     steps: np.ndarray,
@@ -71,6 +95,7 @@ def plot_overview(
         elif panel == "df" and df is not None:
             x = steps[1:] if df_steps is None else df_steps
             axis.plot(x, df, ",", color="k")
+            _set_robust_limits(axis, df)
             axis.set_ylabel(r"$\Delta F$")
         elif panel == "accuracy":
             if train_accuracy is not None:
@@ -96,6 +121,7 @@ def plot_bifurcation(
     """Draw a series against step with tiny markers, so period-doubling branches show."""
     figure, axis = plt.subplots(figsize=(8, 4))
     axis.plot(steps, values, ",", color="k", alpha=0.6)
+    _set_robust_limits(axis, values)
     axis.set_xlabel("step")
     axis.set_ylabel(ylabel)
     return _save(figure, path)
