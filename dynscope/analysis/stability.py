@@ -14,20 +14,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynscope.analysis.periods import period_doubling_events
-from dynscope.analysis.sharpness import first_upward_crossing
 
 
 @dataclass(frozen=True)
 class EdgeOfStability:
-    """Lag between the first crossing of 2/lr and the first period-2 onset after it.
+    """Lag between lambda_max rising through 2/lr and the period-2 onset that follows.
 
     Attributes
     ----------
     crossing_step : int or None
-        First probe step with lambda_max > 2/lr.
+        Probe step of the last rise of lambda_max through 2/lr before the first period-2 onset
+        that has one; the first rise when no onset follows one.
     period2_step : int or None
-        Step of the first doubling 1 -> 2 at or after the crossing (any 1 -> 2 when there is no
-        crossing).
+        Step of that doubling 1 -> 2 (the first 1 -> 2 when no rise precedes any).
     lag : int or None
         period2_step - crossing_step, when both exist.
     cycle : int or None
@@ -64,20 +63,22 @@ def edge_of_stability_lag(
         As in `period_doubling_events`.
     """
     probe_steps = np.asarray(probe_steps, dtype=np.int64)
-    crossing = first_upward_crossing(probe_steps, np.asarray(lambda_max), edge)
+    above = np.asarray(lambda_max, dtype=np.float64) > np.asarray(edge, dtype=np.float64)
+    rises = np.flatnonzero(above[1:] & ~above[:-1]) + 1
 
     events = period_doubling_events(track, steps, min_duration=min_duration, max_gap=max_gap)
     onsets = [e.step for e in events if e.from_period == 1 and e.to_period == 2]
-    if crossing is not None:
-        # The crossing happened somewhere after the previous probe, so an onset in that interval
-        # follows it within the probe resolution (its lag reads negative, at most one interval).
-        index = int(np.flatnonzero(probe_steps == crossing)[0])
-        earliest = probe_steps[index - 1] + 1 if index > 0 else crossing
-        onsets = [step for step in onsets if step >= earliest]
-    onset = onsets[0] if onsets else None
+    for onset in onsets:
+        # A rise seen at probe i happened after probe i - 1, so it precedes an onset within that
+        # interval too (the lag then reads negative, by less than one probe interval).
+        preceding = [i for i in rises if probe_steps[i - 1] < onset]
+        if preceding:
+            crossing = int(probe_steps[preceding[-1]])
+            return EdgeOfStability(crossing_step=crossing, period2_step=onset, lag=onset - crossing)
 
-    lag = onset - crossing if onset is not None and crossing is not None else None
-    return EdgeOfStability(crossing_step=crossing, period2_step=onset, lag=lag)
+    first_rise = int(probe_steps[rises[0]]) if rises.size else None
+    first_onset = onsets[0] if onsets else None
+    return EdgeOfStability(crossing_step=first_rise, period2_step=first_onset, lag=None)
 
 
 def edge_of_stability_per_cycle(
