@@ -136,6 +136,22 @@ def test_edge_of_stability_lag_steps() -> None:
     assert result.lag == 100
 
 
+def test_edge_of_stability_uses_rise_before_onset() -> None:
+    steps = np.arange(1000)
+    track = np.where(steps < 700, 1, 2)
+    probe_steps = np.arange(0, 1000, 50)
+    # Sharp at initialisation, a brief early excursion, then the rise that leads into period 2.
+    lambda_max = np.full(20, 1.0)
+    lambda_max[0] = 3.0
+    lambda_max[4] = 2.5
+    lambda_max[13:] = 2.5
+    result = edge_of_stability_lag(probe_steps, lambda_max, 2.0, track, steps)
+
+    assert result.crossing_step == 650
+    assert result.period2_step == 700
+    assert result.lag == 50
+
+
 def test_edge_of_stability_without_crossing() -> None:
     steps = np.arange(200)
     result = edge_of_stability_lag(
