@@ -332,7 +332,7 @@ def _train(
 
     last_step = step if status != "diverged" else step - 1
     if status == "diverged":
-        logger.error("training diverged at step %d: loss = %r", step, diverged_value)
+        logger.info("training diverged at step %d: loss = %r", step, diverged_value)
         writer.flush(_state(run, step, momentum))
     writer.close(status)
 
