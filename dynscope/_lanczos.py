@@ -240,9 +240,10 @@ def power_iteration(
 ) -> PowerIterationResult:
     """Find the eigenvalue largest in magnitude by power iteration.
 
-    Stops when the relative change of the Rayleigh quotient between two iterations is below
-    ``tol``. This is a weaker test than a residual bound. Convergence is slow when the two
-    largest eigenvalues are close in magnitude.
+    Stops when the Rayleigh quotient changes by less than ``tol * (|previous| + 1e-6)`` between
+    two iterations, the rule of the ``eigenvalues`` method in PyHessian
+    (``pyhessian/hessian.py``). This is a weaker test than a residual bound. Convergence is slow
+    when the two largest eigenvalues are close in magnitude.
     """
     generator = torch.Generator().manual_seed(seed)
     vector = torch.randn(size, generator=generator, dtype=torch.float64)
@@ -252,7 +253,9 @@ def power_iteration(
         product = _apply(matvec, vector)
         estimate = float(vector @ product)
         vector = product / product.norm()
-        if math.isfinite(eigenvalue) and abs(estimate - eigenvalue) <= tol * abs(estimate):
+        if math.isfinite(eigenvalue) and abs(estimate - eigenvalue) < tol * (
+            abs(eigenvalue) + 1e-6
+        ):
             return PowerIterationResult(estimate, vector.numpy(), iteration, True)
         eigenvalue = estimate
     return PowerIterationResult(eigenvalue, vector.numpy(), max_iterations, False)
