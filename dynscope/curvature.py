@@ -193,6 +193,12 @@ def probe(
         raise ValueError(f"invalid spectrum {spectrum!r}: use one of {', '.join(SPECTRA)}")
     if eigenvectors < 0:
         raise ValueError(f"invalid eigenvectors {eigenvectors!r}: use a count >= 0")
+    size = sum(parameter.numel() for parameter in model.parameters())
+    if eigenvectors > size:
+        raise ValueError(
+            f"invalid eigenvectors {eigenvectors!r}: the model has {size} parameters, "
+            "so ask for at most that many eigenvectors"
+        )
     if spectrum == "full":
         return _full_spectrum(hessian(model, loss_fn, inputs, targets, step), eigenvectors)
 

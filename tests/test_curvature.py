@@ -386,3 +386,10 @@ def test_ntk_eigenvalues_generic_module():
 
     expected = np.sort(np.linalg.eigvalsh(dense_ntk(model, inputs)))[::-1][:4]
     assert np.allclose(actual, expected, rtol=1e-10, atol=0)
+
+
+def test_probe_rejects_too_many_eigenvectors():
+    model = models.build_mlp(2, 3, width=2, depth=1)
+    inputs, targets = make_batch(features=2)
+    with pytest.raises(ValueError, match="invalid eigenvectors"):
+        curvature.probe(model, losses.MSE(3), inputs, targets, 0, eigenvectors=100)
