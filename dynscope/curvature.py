@@ -175,14 +175,17 @@ def probe(
     model, loss_fn, inputs, targets, step
         As in `hessian`.
     spectrum
-        ``"full"``: all P eigenvalues of the dense Hessian; ``"topk"``: the ``topk`` largest by
-        Lanczos on Hessian-vector products.
+        ``"full"``: all P eigenvalues of the dense Hessian. ``"topk"``: the ``topk`` largest by
+        Lanczos on Hessian-vector products (residual tolerance 1e-6), with the trace from
+        `hessian_trace` (exact for an MLP under a dynscope loss, otherwise a Hutch++ estimate
+        from 30 more products).
     topk
         Number of eigenvalues for ``spectrum="topk"``.
     eigenvectors
         Number of top eigenvectors to return (0 for none).
     previous
-        The spectrum of the previous probe; its top eigenvector warm-starts Lanczos.
+        The spectrum of the previous probe. Its top eigenvector warm-starts Lanczos, so the
+        previous probe must have been asked for at least one eigenvector.
 
     Returns
     -------
