@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dynscope import _mlp_hessian, losses, models
+from dynscope import _functional, _mlp_hessian, losses, models
+from dynscope._functional import LossFunction
 from dynscope._lanczos import (
     LanczosResult,
     PowerIterationResult,
@@ -36,9 +36,6 @@ from dynscope._lanczos import (
 )
 
 logger = logging.getLogger(__name__)
-
-LossFunction = Callable[..., Tensor]
-"""A `dynscope.losses.ClassificationLoss` or any callable ``(outputs, targets) -> scalar``."""
 
 SPECTRA = ("full", "topk")
 TRACE_METHODS = ("auto", "exact", "hutchinson", "hutch++")
@@ -151,7 +148,7 @@ def dense_hessian(
     Parameters and returns are those of `hessian`. This is the reference path: it works for any
     differentiable module and loss, and costs about P forward-over-reverse passes.
     """
-    loss_of_flat, flat = _flat_loss(model, loss_fn, inputs, targets, step)
+    loss_of_flat, flat = _functional.flat_loss(model, loss_fn, inputs, targets, step)
     result = torch.func.hessian(loss_of_flat)(flat)
     return result.detach()
 
@@ -247,7 +244,7 @@ def hessian_vector_product(
     Callable
         A function from a (P,) vector to the (P,) product in the parameters' dtype.
     """
-    loss_of_flat, flat = _flat_loss(model, loss_fn, inputs, targets, step)
+    loss_of_flat, flat = _functional.flat_loss(model, loss_fn, inputs, targets, step)
     gradient = torch.func.grad(loss_of_flat)
 
     def product(vector: Tensor) -> Tensor:
@@ -378,7 +375,7 @@ def ntk_eigenvalues(model: nn.Module, inputs: Tensor, k: int) -> np.ndarray:
         assert isinstance(model, models.MLP)
         gram = _mlp_hessian.mlp_ntk(linears, model.activation, inputs)
     else:
-        jacobian = _output_jacobian(model, inputs)
+        jacobian = _functional.output_jacobian(model, inputs)
         gram = jacobian @ jacobian.T
     if not 1 <= k <= gram.shape[0]:
         raise ValueError(
@@ -387,18 +384,6 @@ def ntk_eigenvalues(model: nn.Module, inputs: Tensor, k: int) -> np.ndarray:
         )
     values = torch.linalg.eigvalsh(gram)
     return values.flip(0)[:k].double().cpu().numpy()
-
-
-def _output_jacobian(model: nn.Module, inputs: Tensor) -> Tensor:
-    """Return the Jacobian (N C, P) of the flattened outputs with respect to the parameters."""
-    named = {name: value.detach() for name, value in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-
-    def outputs_of(parameters: dict[str, Tensor]) -> Tensor:
-        return torch.func.functional_call(model, {**parameters, **buffers}, (inputs,)).reshape(-1)
-
-    pieces = torch.func.jacrev(outputs_of)(named)
-    return torch.cat([pieces[name].reshape(pieces[name].shape[0], -1) for name in named], dim=1)
 
 
 def _full_spectrum(matrix: Tensor, eigenvectors: int) -> Spectrum:
@@ -423,43 +408,3 @@ def _full_spectrum(matrix: Tensor, eigenvectors: int) -> Spectrum:
         residuals=None,
         method="eigh",
     )
-
-
-def _flat_loss(
-    model: nn.Module,
-    loss_fn: LossFunction,
-    inputs: Tensor,
-    targets: Tensor,
-    step: int,
-) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-    """Return the loss as a function of the flat parameter vector, and the current vector."""
-    named = dict(model.named_parameters())
-    if not named:
-        raise ValueError("model has no parameters: the Hessian needs at least one parameter")
-    names = list(named)
-    shapes = [named[name].shape for name in names]
-    sizes = [named[name].numel() for name in names]
-    flat = torch.cat([named[name].detach().reshape(-1) for name in names])
-    buffers = dict(model.named_buffers())
-    inputs = inputs.to(dtype=flat.dtype, device=flat.device)
-    targets = targets.to(device=flat.device)
-    evaluate = _loss_caller(loss_fn, step)
-
-    def loss_of_flat(vector: Tensor) -> Tensor:
-        pieces = torch.split(vector, sizes)
-        parameters: dict[str, Any] = {
-            name: piece.view(shape)
-            for name, piece, shape in zip(names, pieces, shapes, strict=True)
-        }
-        parameters.update(buffers)
-        outputs = torch.func.functional_call(model, parameters, (inputs,))
-        return evaluate(outputs, targets)
-
-    return loss_of_flat, flat
-
-
-def _loss_caller(loss_fn: LossFunction, step: int) -> Callable[[Tensor, Tensor], Tensor]:
-    """Bind the step of a dynscope loss, so every loss reads ``(outputs, targets) -> scalar``."""
-    if isinstance(loss_fn, losses.ClassificationLoss):
-        return lambda outputs, targets: loss_fn(outputs, targets, step=step)
-    return loss_fn
