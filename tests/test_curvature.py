@@ -393,3 +393,32 @@ def test_probe_rejects_too_many_eigenvectors():
     inputs, targets = make_batch(features=2)
     with pytest.raises(ValueError, match="invalid eigenvectors"):
         curvature.probe(model, losses.MSE(3), inputs, targets, 0, eigenvectors=100)
+
+
+def test_hessian_vector_product_matches_dense():
+    model = models.build_mlp(2, 3, width=6, depth=2, activation="gelu", seed=11)
+    inputs, targets = make_batch(features=2)
+    loss_fn = make_loss("dce")
+    size = models.count_parameters(model)
+    vector = torch.randn(size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    product = curvature.hessian_vector_product(model, loss_fn, inputs, targets, 5)(vector)
+
+    expected = reference_hessian(model, loss_fn, inputs, targets, step=5) @ vector
+    assert relative_error(product, expected) < 1e-12
+
+
+def test_probe_topk_generic_module_estimates_trace():
+    model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    inputs, targets = make_batch(count=20, features=2)
+    loss_fn = losses.CrossEntropy(3)
+
+    result = curvature.probe(model, loss_fn, inputs, targets, 0, spectrum="topk", topk=2)
+
+    matrix = reference_hessian(model, loss_fn, inputs, targets).numpy()
+    expected = np.sort(np.linalg.eigvalsh(matrix))[::-1][:2]
+    assert result.method == "lanczos, hutch++ trace"
+    assert np.allclose(result.eigenvalues, expected, rtol=1e-5)
+    estimate = curvature.hessian_trace(model, loss_fn, inputs, targets, method="hutch++")
+    assert result.trace == pytest.approx(estimate.value, rel=1e-12)
+    assert abs(result.trace - np.trace(matrix)) < 4 * estimate.standard_error
