@@ -77,6 +77,8 @@ class _Run:
     x_val: torch.Tensor
     y_val: torch.Tensor
     projection: torch.Tensor | None
+    # The previous top-k probe, whose top eigenvector warm-starts the next Lanczos run.
+    previous: curvature.Spectrum | None = None
 
 
 def record(
@@ -252,6 +254,14 @@ def _create_writer(run: _Run, output: Path, force: bool) -> store.RecordWriter:
 def _restore_state(run: _Run, state: dict[str, np.ndarray]) -> int:
     flat = torch.as_tensor(state["params"])
     models.assign_parameters(run.model, flat)
+    if "previous_eigenvector" in state:
+        run.previous = curvature.Spectrum(
+            eigenvalues=np.empty(0),
+            eigenvectors=state["previous_eigenvector"][None, :],
+            trace=float("nan"),
+            residuals=None,
+            method="restored warm start",
+        )
     return int(state["next_step"])
 
 
@@ -410,8 +420,11 @@ def _record_probe(run: _Run, writer: store.RecordWriter, step: int) -> None:
         step,
         spectrum=config.spectrum,
         topk=config.topk,
-        eigenvectors=config.eigenvectors,
+        # Top-k probes keep at least one eigenvector to warm-start the next probe.
+        eigenvectors=max(config.eigenvectors, 1 if config.spectrum == "topk" else 0),
+        previous=run.previous,
     )
+    run.previous = spectrum
     extras: dict[str, np.ndarray] = {}
     if config.eigenvectors and spectrum.eigenvectors is not None:
         extras["top_eigenvectors"] = spectrum.eigenvectors[: config.eigenvectors]
@@ -471,4 +484,6 @@ def _state(run: _Run, next_step: int, momentum: list[torch.Tensor] | None) -> di
     }
     if momentum is not None:
         state["momentum"] = torch.cat([b.reshape(-1) for b in momentum]).cpu().numpy()
+    if run.previous is not None and run.previous.eigenvectors is not None:
+        state["previous_eigenvector"] = np.asarray(run.previous.eigenvectors[0])
     return state
