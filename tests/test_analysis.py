@@ -167,3 +167,25 @@ def test_edge_of_stability_per_cycle_lags() -> None:
     lambda_max = np.where(probe_steps % 1000 >= 500, 3.0, 1.0)
     results = edge_of_stability_per_cycle(probe_steps, lambda_max, 2.0, track, steps, 1000)
     assert [r.lag for r in results] == [200, 200]
+
+
+def test_longest_stretch_near_edge() -> None:
+    from dynscope.analysis.sharpness import longest_stretch_near_edge
+
+    probe_steps = np.arange(0, 2000, 100)
+    lambda_max = np.array(
+        [1.0] * 5 + [1.9, 2.1, 2.0] + [3.0] + [1.85, 2.15, 1.95, 2.05, 2.0] + [1.0] * 6
+    )
+    stretch = longest_stretch_near_edge(probe_steps, lambda_max, 2.0, rtol=0.1)
+
+    assert stretch is not None
+    assert stretch.start_step == 900
+    assert stretch.end_step == 1300
+    assert stretch.probes == 5
+    assert stretch.steps == 400
+
+
+def test_longest_stretch_none_near_edge() -> None:
+    from dynscope.analysis.sharpness import longest_stretch_near_edge
+
+    assert longest_stretch_near_edge(np.arange(3), np.array([1.0, 5.0, 1.0]), 2.0) is None

@@ -24,7 +24,7 @@ from dynscope import plots
 from dynscope.analysis.bifurcation import bifurcation_across_runs, bifurcation_in_time
 from dynscope.analysis.exploration import exploration, step_alignment
 from dynscope.analysis.periods import cascades_by_cycle, period_doubling_events, period_track
-from dynscope.analysis.sharpness import curvature_reduction, sharpness
+from dynscope.analysis.sharpness import curvature_reduction, longest_stretch_near_edge, sharpness
 from dynscope.analysis.stability import edge_of_stability_lag, edge_of_stability_per_cycle
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ def analyze_record(
             "first_crossing_step": result.first_crossing_step,
             "trace_final": result.trace_final,
             "lambda_max_cycle_end": result.lambda_max_cycle_end.tolist(),
+            "near_edge": _near_edge(probe_steps, result.lambda_max, result.edge),
         }
         summary["edge_of_stability"] = _edge_of_stability(
             probe_steps, result.lambda_max, result.edge, track, steps, cycle_period,
@@ -239,6 +240,15 @@ def analyze_runs(
     return summary
 
 
+def _near_edge(
+    probe_steps: np.ndarray, lambda_max: np.ndarray, edge: np.ndarray
+) -> dict[str, int] | None:
+    stretch = longest_stretch_near_edge(probe_steps, lambda_max, edge, rtol=0.1)
+    if stretch is None:
+        return None
+    return {"start_step": stretch.start_step, "end_step": stretch.end_step, "steps": stretch.steps}
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """Format a summary from `analyze_record` or `analyze_runs` as a few lines of text."""
     if "runs" in summary:
@@ -270,6 +280,12 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{_number(100 * curvature['fraction_above_edge'], '.1f')}% of probes, first at "
             f"step {curvature['first_crossing_step']}"
         )
+        near_edge = curvature.get("near_edge")
+        if near_edge:
+            lines.append(
+                f"lambda_max within 10% of 2/lr for {near_edge['steps']} steps "
+                f"({near_edge['start_step']} to {near_edge['end_step']})"
+            )
     stability = summary.get("edge_of_stability")
     if stability and stability.get("lag") is not None:
         lines.append(f"edge of stability: period 2 starts {stability['lag']} steps after crossing")

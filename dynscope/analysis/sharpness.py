@@ -38,7 +38,7 @@ class Sharpness:
     fraction_above_edge : float
         Fraction of probes with lambda_max > 2/lr.
     first_crossing_step : int or None
-        Step of the first probe above the edge.
+        Step of the first probe where lambda_max rises from below the edge to above it.
     lambda_max_final, edge_final, trace_final : float
         Values at the last probe.
     cycles : numpy.ndarray of int, shape (K,)
@@ -72,6 +72,55 @@ class CurvatureReduction:
     lambda_max_dynamical: float
     lambda_max_static: float
     ratio: float
+
+
+@dataclass(frozen=True)
+class EdgeStretch:
+    """Longest run of consecutive probes with lambda_max within a tolerance of the edge 2/lr."""
+
+    start_step: int
+    end_step: int
+    probes: int
+    rtol: float
+
+    @property
+    def steps(self) -> int:
+        """Length of the stretch in training steps (from its first to its last probe)."""
+        return self.end_step - self.start_step
+
+
+def longest_stretch_near_edge(
+    probe_steps: np.ndarray,
+    lambda_max: np.ndarray,
+    edge: np.ndarray | float,
+    rtol: float = 0.1,
+) -> EdgeStretch | None:
+    """Find the longest run of probes with |lambda_max - edge| <= rtol * edge.
+
+    This is the signature of the edge of stability: lambda_max hovering near 2/lr. Returns None
+    when no probe lies within the tolerance.
+    """
+    lambda_max = np.asarray(lambda_max, dtype=np.float64)
+    edge_values = np.broadcast_to(np.asarray(edge, dtype=np.float64), lambda_max.shape)
+    near = np.abs(lambda_max - edge_values) <= rtol * edge_values
+    best: tuple[int, int] | None = None
+    start = None
+    for index, inside in enumerate(np.append(near, False)):
+        if inside and start is None:
+            start = index
+        elif not inside and start is not None:
+            if best is None or index - start > best[1] - best[0] + 1:
+                best = (start, index - 1)
+            start = None
+    if best is None:
+        return None
+    steps = np.asarray(probe_steps, dtype=np.int64)
+    return EdgeStretch(
+        start_step=int(steps[best[0]]),
+        end_step=int(steps[best[1]]),
+        probes=best[1] - best[0] + 1,
+        rtol=rtol,
+    )
 
 
 def first_upward_crossing(
