@@ -172,6 +172,152 @@ def plot_bifurcation_across_runs(
     return _save(figure, path)
 
 
+def plot_against_width(
+    path: str | Path,
+    widths: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    labels: list[str],
+    *,
+    ylabel: str,
+    title: str | None = None,
+) -> Path:
+    """Draw one line per group (a loss) of a value against width, with a +- std band.
+
+    `mean` and `std` have shape (group, width); a NaN std draws no band at that width. The x
+    axis is logarithmic in base 2 with a tick at each width.
+    """
+    widths = np.asarray(widths, dtype=float)
+    mean = np.atleast_2d(np.asarray(mean, dtype=float))
+    std = np.atleast_2d(np.asarray(std, dtype=float))
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for row, label in enumerate(labels):
+        line = axis.plot(widths, mean[row], "o-", lw=1.2, markersize=4, label=label)[0]
+        band = np.nan_to_num(std[row])
+        axis.fill_between(
+            widths, mean[row] - band, mean[row] + band, color=line.get_color(), alpha=0.2, lw=0
+        )
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(widths, [f"{width:g}" for width in widths])
+    axis.set_xlabel("width")
+    axis.set_ylabel(ylabel)
+    if title:
+        axis.set_title(title, fontsize=9)
+    if len(labels) > 1 or labels[0]:
+        axis.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def plot_mean_curves(
+    path: str | Path,
+    steps: np.ndarray,
+    loss_mean: np.ndarray,
+    loss_std: np.ndarray,
+    probe_steps: np.ndarray,
+    lambda_mean: np.ndarray,
+    lambda_std: np.ndarray,
+    labels: list[str],
+    *,
+    edges: list[float] | None = None,
+) -> Path:
+    """Draw the seed-mean loss (log scale) and lambda_max against step, one line per group.
+
+    `loss_mean` and `loss_std` have shape (group, step), `lambda_mean` and `lambda_std` shape
+    (group, probe). Each line has a +- std band; `edges` (values of 2/lr) are drawn as dashed
+    horizontal lines on the lambda_max panel, which is logarithmic when every mean is positive.
+    A panel without finite values is left empty.
+    """
+    figure, (loss_axis, lambda_axis) = plt.subplots(2, 1, sharex=True, figsize=(8, 6.5))
+    loss_mean = np.atleast_2d(np.asarray(loss_mean, dtype=float))
+    loss_std = np.atleast_2d(np.asarray(loss_std, dtype=float))
+    lambda_mean = np.atleast_2d(np.asarray(lambda_mean, dtype=float))
+    lambda_std = np.atleast_2d(np.asarray(lambda_std, dtype=float))
+    colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    for row, label in enumerate(labels):
+        colour = colours(row % colours.N)
+        _band(loss_axis, steps, loss_mean[row], loss_std[row], colour, label, positive=True)
+        if lambda_mean.shape[1]:
+            _band(lambda_axis, probe_steps, lambda_mean[row], lambda_std[row], colour, label)
+    loss_axis.set_yscale("log")
+    loss_axis.set_ylabel("mean loss")
+    loss_axis.legend(fontsize=6, ncol=2)
+    for edge in sorted(set(edges or [])):
+        lambda_axis.axhline(edge, color="k", ls="--", lw=0.8)
+        lambda_axis.annotate(
+            f"2/lr = {edge:g}", (1.0, edge), xycoords=("axes fraction", "data"),
+            ha="right", va="bottom", fontsize=7,
+        )  # fmt: skip
+    finite = lambda_mean[np.isfinite(lambda_mean)]
+    if finite.size and finite.min() > 0:
+        # Log scale, so that curves under a small lr stay readable next to a large 2/lr line.
+        lambda_axis.set_yscale("log")
+    lambda_axis.set_ylabel(r"mean $\lambda_{max}$")
+    lambda_axis.set_xlabel("step")
+    return _save(figure, path)
+
+
+def _band(
+    axis: plt.Axes,
+    x: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    colour: object,
+    label: str,
+    *,
+    positive: bool = False,
+) -> None:
+    """Draw a line with a +- std band; `positive` clips the band's lower edge for a log axis."""
+    axis.plot(x, mean, color=colour, lw=1.0, label=label)
+    band = np.nan_to_num(std)
+    lower = mean - band
+    if positive:
+        lower = np.where(lower > 0, lower, np.nan)
+    axis.fill_between(x, lower, mean + band, color=colour, alpha=0.2, lw=0)
+
+
+def plot_phase_diagram(
+    path: str | Path,
+    amplitudes: np.ndarray,
+    periods: np.ndarray,
+    values: np.ndarray,
+    *,
+    std: np.ndarray | None = None,
+    reference: float | None = None,
+    label: str = "final val accuracy",
+    title: str | None = None,
+) -> Path:
+    """Draw a value over amplitude (rows) and period (columns) as coloured cells with numbers.
+
+    `values` (and `std`, written under each value) have shape (amplitude, period). `reference`,
+    the value of the static loss (amplitude 1), is written in the title.
+    """
+    values = np.asarray(values, dtype=float)
+    figure, axis = plt.subplots(figsize=(1.3 * len(periods) + 2.5, 0.8 * len(amplitudes) + 1.8))
+    image = axis.imshow(values, origin="lower", cmap="viridis", aspect="auto")
+    figure.colorbar(image, ax=axis, label=label)
+    axis.set_xticks(np.arange(len(periods)), [f"{period:g}" for period in periods])
+    axis.set_yticks(np.arange(len(amplitudes)), [f"{amplitude:g}" for amplitude in amplitudes])
+    axis.set_xlabel("period T (steps)")
+    axis.set_ylabel("amplitude A")
+
+    finite = values[np.isfinite(values)]
+    middle = 0.5 * (finite.min() + finite.max()) if finite.size else 0.0
+    for row in range(values.shape[0]):
+        for column in range(values.shape[1]):
+            value = values[row, column]
+            text = "n/a" if not np.isfinite(value) else f"{value:.3f}"
+            if std is not None and np.isfinite(std[row, column]):
+                text += f"\n\u00b1{std[row, column]:.3f}"
+            colour = "k" if np.isfinite(value) and value > middle else "w"
+            axis.text(column, row, text, ha="center", va="center", fontsize=7, color=colour)
+
+    heading = title or label
+    if reference is not None and np.isfinite(reference):
+        heading += f"; static loss (A = 1): {reference:.3f}"
+    axis.set_title(heading, fontsize=9)
+    return _save(figure, path)
+
+
 def _save(figure: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     figure.tight_layout()

@@ -2,13 +2,18 @@
 
 `analyze_record` writes ``summary.json``, ``analysis.nc`` (period track, bifurcation values,
 per-cycle exploration and curvature) and the figures ``overview.png``, ``bifurcation.png`` and
-``spectrum.png``. `analyze_runs` writes a bifurcation diagram across runs against a swept option.
+``spectrum.png``. `analyze_runs` writes a bifurcation diagram across runs against a swept
+option, and the sweep table of `dynscope.analysis.sweeps` (``sweep.nc``) with the figures that
+fit the swept options: accuracy and lambda_max against width, a phase diagram over amplitude and
+period, mean loss and lambda_max curves for each width and lr (``curves.nc``,
+``mean_curves.png``).
 Records without curvature probes or parameter snapshots still analyse; their ``curvature``,
 ``edge_of_stability`` and ``exploration`` sections are null and ``spectrum.png`` is not drawn.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -26,6 +31,7 @@ from dynscope.analysis.exploration import exploration, step_alignment
 from dynscope.analysis.periods import cascades_by_cycle, period_doubling_events, period_track
 from dynscope.analysis.sharpness import curvature_reduction, longest_stretch_near_edge, sharpness
 from dynscope.analysis.stability import edge_of_stability_lag, edge_of_stability_per_cycle
+from dynscope.analysis.sweeps import mean_curves, seed_statistics, sweep_table
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +173,13 @@ def analyze_runs(
     max_period: int = 32,
     rtol: float | None = None,
 ) -> dict[str, Any]:
-    """Draw a bifurcation diagram across runs against a swept option, and compare sharpness.
+    """Draw a bifurcation diagram across runs against a swept option, and tabulate the sweep.
 
     Each run contributes the last `window` values of the observable; `control` is read from the
-    record attributes (or the config JSON). Writes ``runs.nc``, ``bifurcation_runs.png`` and
-    ``summary.json`` into `out_dir` and returns the summary.
+    record attributes (or the config JSON). Writes ``runs.nc``, ``bifurcation_runs.png``,
+    ``sweep.nc`` (final values per run and their seed statistics, see `sweep_table`), the sweep
+    figures that apply to the swept options and ``summary.json`` into `out_dir`, and returns
+    the summary.
     """
     if not records:
         raise ValueError("no records given: pass at least one record path")
@@ -236,8 +244,134 @@ def analyze_runs(
             "files": ["summary.json", "runs.nc", "bifurcation_runs.png"],
         }
     )
+    sweep = _analyze_sweep(records, out_dir)
+    summary["files"].extend(sweep.pop("files"))
+    summary["sweep"] = _json_ready(sweep)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _analyze_sweep(records: Sequence[str | Path | xr.Dataset], out_dir: Path) -> dict[str, Any]:
+    """Write the sweep table and the figures that fit its swept options; return the summary."""
+    table = sweep_table(records)
+    statistics = seed_statistics(table)
+    xr.merge([table, statistics]).to_netcdf(out_dir / "sweep.nc")
+    options = [dim for dim in statistics.dims if dim in table.coords and dim != "seed"]
+    files = ["sweep.nc"]
+
+    seeds = table.sizes["seed"]
+    if "width" in options:
+        files.extend(_draw_width_figures(statistics, out_dir, seeds))
+    if "amplitude" in options and "period" in options:
+        files.extend(_draw_phase_diagrams(table, statistics, out_dir, seeds))
+    if "width" in options and "lr" in options:
+        curves = xr.merge([mean_curves(records, "loss"), mean_curves(records, "lambda_max")])
+        curves.to_netcdf(out_dir / "curves.nc")
+        files.extend(["curves.nc", _draw_mean_curves(curves, out_dir)])
+
+    points = []
+    for label, selection in _groups(statistics["final_val_accuracy_mean"], ()):
+        point: dict[str, Any] = {"label": label, **selection}
+        for name in ("final_val_accuracy", "final_lambda_max"):
+            for statistic in ("mean", "std", "count"):
+                point[f"{name}_{statistic}"] = (
+                    statistics[f"{name}_{statistic}"].sel(selection).item()
+                )
+        points.append(point)
+    return {"options": options, "seeds": table["seed"].values, "points": points, "files": files}
+
+
+def _groups(data: xr.DataArray, keep: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """List the combinations of the dimensions not in `keep`: a label and a selection each."""
+    others = [str(dim) for dim in data.dims if dim not in keep]
+    groups = []
+    for values in itertools.product(*(data[dim].values.tolist() for dim in others)):
+        selection = dict(zip(others, values, strict=True))
+        label = ", ".join(f"{dim}={_option_text(value)}" for dim, value in selection.items())
+        groups.append((label, selection))
+    return groups
+
+
+def _option_text(value: Any) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def _draw_width_figures(statistics: xr.Dataset, out_dir: Path, seeds: int) -> list[str]:
+    """Draw final val accuracy and final lambda_max against width, one line per other option."""
+    files = []
+    figures = {
+        "final_val_accuracy": ("accuracy_width.png", "final val accuracy"),
+        "final_lambda_max": ("lambda_max_width.png", "final $\\lambda_{max}$"),
+    }
+    for name, (file_name, ylabel) in figures.items():
+        mean = statistics[f"{name}_mean"]
+        if not np.isfinite(mean.values).any():
+            continue
+        groups = _groups(mean, ("width",))
+        plots.plot_against_width(
+            out_dir / file_name,
+            mean["width"].values,
+            np.stack([mean.sel(selection).values for _, selection in groups]),
+            np.stack([statistics[f"{name}_std"].sel(selection).values for _, selection in groups]),
+            [label for label, _ in groups],
+            ylabel=ylabel,
+            title=f"mean over {seeds} seeds, band: +- std",
+        )
+        files.append(file_name)
+    return files
+
+
+def _draw_phase_diagrams(
+    table: xr.Dataset, statistics: xr.Dataset, out_dir: Path, seeds: int
+) -> list[str]:
+    """Draw final val accuracy over amplitude and period, one figure per other option value."""
+    files = []
+    mean = statistics["final_val_accuracy_mean"]
+    for label, selection in _groups(mean, ("amplitude", "period")):
+        reference = None
+        static = table["final_val_accuracy"].sel(selection)
+        if 1.0 in static["amplitude"].values:
+            finite = static.sel(amplitude=1.0).values
+            finite = finite[np.isfinite(finite)]
+            reference = float(finite.mean()) if finite.size else None
+        suffix = "_".join(f"{dim}-{_option_text(value)}" for dim, value in selection.items())
+        file_name = f"phase_diagram_{suffix}.png" if suffix else "phase_diagram.png"
+        cells = mean.sel(selection).transpose("amplitude", "period")
+        plots.plot_phase_diagram(
+            out_dir / file_name,
+            cells["amplitude"].values,
+            cells["period"].values,
+            cells.values,
+            std=statistics["final_val_accuracy_std"]
+            .sel(selection)
+            .transpose("amplitude", "period")
+            .values,
+            reference=reference,
+            title=f"final val accuracy, mean of {seeds} seeds" + (f" ({label})" if label else ""),
+        )
+        files.append(file_name)
+    return files
+
+
+def _draw_mean_curves(curves: xr.Dataset, out_dir: Path) -> str:
+    """Draw the seed-mean loss and lambda_max against step, one line per grid point."""
+    groups = _groups(curves["loss_mean"], ("step",))
+    lambda_groups = [
+        {dim: value for dim, value in selection.items() if dim in curves["lambda_max_mean"].dims}
+        for _, selection in groups
+    ]
+    plots.plot_mean_curves(
+        out_dir / "mean_curves.png",
+        curves["step"].values,
+        np.stack([curves["loss_mean"].sel(selection).values for _, selection in groups]),
+        np.stack([curves["loss_std"].sel(selection).values for _, selection in groups]),
+        curves["probe_step"].values,
+        np.stack([curves["lambda_max_mean"].sel(selection).values for selection in lambda_groups]),
+        np.stack([curves["lambda_max_std"].sel(selection).values for selection in lambda_groups]),
+        [label for label, _ in groups],
+        edges=[2.0 / lr for lr in curves["lr"].values.tolist()],
+    )
+    return "mean_curves.png"
 
 
 def _near_edge(
@@ -311,7 +445,30 @@ def _format_runs(summary: dict[str, Any]) -> str:
             f"curvature reduction {Path(reduction['dynamical']).name} / "
             f"{Path(reduction['static']).name}: {_number(reduction['ratio'])}"
         )
+    if summary.get("sweep"):
+        lines.extend(_format_sweep(summary["sweep"]))
     return "\n".join(lines)
+
+
+def _format_sweep(sweep: dict[str, Any]) -> list[str]:
+    """Format the mean +- std (count) of final val accuracy and lambda_max per grid point."""
+    options = sweep["options"]
+    header = [*options, "val accuracy (mean +- std, n)", "lambda_max (mean +- std, n)"]
+    rows = []
+    for point in sweep["points"]:
+        row = [_option_text(point[option]) for option in options]
+        for name in ("final_val_accuracy", "final_lambda_max"):
+            row.append(
+                f"{_number(point[f'{name}_mean'])} +- {_number(point[f'{name}_std'])} "
+                f"({point[f'{name}_count']})"
+            )
+        rows.append(row)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [f"sweep over {', '.join(options) or 'no option'}, {len(sweep['seeds'])} seeds:"]
+    for row in [header, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return lines
 
 
 def _number(value: Any, spec: str = ".4g") -> str:
