@@ -234,4 +234,5 @@ def test_analyze_runs_mean_curves(
     with xr.open_dataset(tmp_path / "curves.nc") as curves:
         assert curves["loss_mean"].dims == ("lr", "width", "step")
         assert curves["lambda_max_mean"].dims == ("lr", "width", "probe_step")
+        assert curves["static_loss_mean"].dims == ("lr", "width", "step")
     assert "curves.nc" in summary["files"]

@@ -256,7 +256,7 @@ def _analyze_sweep(records: Sequence[str | Path | xr.Dataset], out_dir: Path) ->
     table = sweep_table(records)
     statistics = seed_statistics(table)
     xr.merge([table, statistics]).to_netcdf(out_dir / "sweep.nc")
-    options = [dim for dim in statistics.dims if dim in table.coords and dim != "seed"]
+    options = list(json.loads(table.attrs["sweep_dims"]))
     files = ["sweep.nc"]
 
     seeds = table.sizes["seed"]
@@ -265,7 +265,9 @@ def _analyze_sweep(records: Sequence[str | Path | xr.Dataset], out_dir: Path) ->
     if "amplitude" in options and "period" in options:
         files.extend(_draw_phase_diagrams(table, statistics, out_dir, seeds))
     if "width" in options and "lr" in options:
-        curves = xr.merge([mean_curves(records, "loss"), mean_curves(records, "lambda_max")])
+        curves = xr.merge(
+            [mean_curves(records, name) for name in ("loss", "static_loss", "lambda_max")]
+        )
         curves.to_netcdf(out_dir / "curves.nc")
         files.extend(["curves.nc", _draw_mean_curves(curves, out_dir)])
 
