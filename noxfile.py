@@ -6,6 +6,8 @@ CUDA build of several GB.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests"]
@@ -48,6 +50,7 @@ def lint(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """Record and analyse a short dynamical cross-entropy run on the spiral task."""
     install(session)
+    Path("demo").mkdir(exist_ok=True)
     session.run(
         "dynscope",
         "record",

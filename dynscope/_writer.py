@@ -6,6 +6,7 @@ The file format and its guarantees are described in `dynscope.store`.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import logging
 import math
@@ -84,6 +85,7 @@ class RecordWriter:
         self._journal = _journal.JournalFile(_journal.journal_path(path), journal.valid_length)
         self._file_size = os.path.getsize(path)
         self._closed = False
+        self._lock: int | None = None
         self._clear_pending()
 
     @classmethod
@@ -136,7 +138,29 @@ class RecordWriter:
             raise ValueError(f"invalid param_dtype {param_dtype!r}: use float64 or float32")
         if os.path.exists(path) and not force:
             raise ValueError(f"record {path} already exists: use force to replace it or resume it")
+        lock = _acquire_lock(path)
+        try:
+            writer = cls._create_locked(
+                path, config_json, attrs, labels, num_params, num_eigs, compression, param_dtype
+            )
+        except BaseException:
+            _release_lock(path, lock)
+            raise
+        writer._lock = lock
+        return writer
 
+    @classmethod
+    def _create_locked(
+        cls,
+        path: str,
+        config_json: str,
+        attrs: dict[str, Any],
+        labels: Sequence[int],
+        num_params: int,
+        num_eigs: int,
+        compression: int,
+        param_dtype: str,
+    ) -> RecordWriter:
         file_attrs: dict[str, Any] = {
             "Conventions": CONVENTIONS,
             "title": "dynscope training record",
@@ -198,6 +222,17 @@ class RecordWriter:
             If the record is missing or corrupt, or was never flushed with a state.
         """
         path = os.fspath(path)
+        lock = _acquire_lock(path)
+        try:
+            writer, state = cls._resume_locked(path)
+        except BaseException:
+            _release_lock(path, lock)
+            raise
+        writer._lock = lock
+        return writer, state
+
+    @classmethod
+    def _resume_locked(cls, path: str) -> tuple[RecordWriter, dict[str, np.ndarray]]:
         _remove_quietly(path + ".tmp")
         contents = _journal.read_journal(_journal.journal_path(path))
         summary = _ncfile.read_summary(path)
@@ -224,7 +259,7 @@ class RecordWriter:
             if not state_bytes:
                 raise RecordError(
                     f"record {path} has no resume state because it was never flushed; "
-                    "start it again with force"
+                    "start it again with --force"
                 )
             state = _journal.decode_state(state_bytes)
         if last_steps["step"] is not None and state_step != last_steps["step"]:
@@ -376,6 +411,9 @@ class RecordWriter:
         self._journal.close()
         _remove_quietly(self._journal.path)
         self._closed = True
+        if self._lock is not None:
+            _release_lock(self.path, self._lock)
+            self._lock = None
 
     def _write_entry(self, state: dict[str, np.ndarray] | None) -> None:
         rows = self._pending_rows()
@@ -599,3 +637,42 @@ def _remove_quietly(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+# Locks this process holds, by record path. A new writer in the same process takes over the lock
+# of an abandoned one (as after a simulated crash); the lock only keeps other processes out.
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def _acquire_lock(path: str) -> int:
+    """Take an exclusive lock on ``path + ".lock"`` so that only one process writes a record.
+
+    The operating system releases the lock when the process ends, so a killed writer never
+    leaves a record locked.
+    """
+    key = os.path.realpath(path)
+    if key in _HELD_LOCKS:
+        return _HELD_LOCKS[key]
+    try:
+        descriptor = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise _write_error(path, f"cannot create its lock file: {error.strerror}") from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise RecordError(
+            f"record {path} is being written by another process; wait for it to end or "
+            "choose another output"
+        ) from None
+    _HELD_LOCKS[key] = descriptor
+    return descriptor
+
+
+def _release_lock(path: str, descriptor: int) -> None:
+    key = os.path.realpath(path)
+    if _HELD_LOCKS.get(key) != descriptor:
+        return
+    del _HELD_LOCKS[key]
+    _remove_quietly(path + ".lock")
+    os.close(descriptor)

@@ -477,3 +477,30 @@ def test_open_records_sparse_grid(tmp_path):
     running = ds["loss"].sel(width=4, config_lr=0.2).values
     assert running[4] == 1.0 / 5
     assert np.isnan(running[5:]).all()
+
+
+def test_second_process_cannot_write(tmp_path) -> None:
+    path = tmp_path / "run.nc"
+    writer = create_writer(path)
+    write_steps(writer, range(3))
+    writer.flush({"step": np.asarray(3)})
+    script = (
+        "import sys\n"
+        "from dynscope import store\n"
+        "try:\n"
+        "    store.RecordWriter.resume(sys.argv[1])\n"
+        "except store.RecordError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+    )
+    writer.close("complete")
+    lock_left = (tmp_path / "run.nc.lock").exists()
+    after_close = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+    )
+
+    assert "being written by another process" in result.stdout
+    assert "being written by another process" not in after_close.stdout
+    assert not lock_left
