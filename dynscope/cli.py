@@ -136,8 +136,12 @@ def record(
     def action() -> int:
         from dynscope.recorder import record as run_record
 
+        given = {k: v for k, v in options.items() if v is not None}
+        if resume and (given or config_path):
+            names = ", ".join("--" + k.replace("_", "-") for k in given) or "--config"
+            raise ValueError(f"--resume continues a record with its stored options; drop {names}")
         values: dict[str, Any] = load_toml(config_path) if config_path else {}
-        values.update({k: v for k, v in options.items() if v is not None})
+        values.update(given)
         config = RecordConfig.from_dict(values).validate()
         if resume and force:
             raise ValueError("--resume and --force contradict each other; pass only one")
@@ -245,6 +249,8 @@ def analyze(records: tuple[str, ...], output: str, control: str | None, quiet: b
         from dynscope.analysis import report
 
         out_dir = Path(output)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"output {out_dir} is a file; give a folder for the analysis")
         paths = _expand_records(records)
         out_dir.mkdir(parents=True, exist_ok=True)
         if len(paths) == 1 and control is None:
@@ -299,8 +305,9 @@ def _format_info(details: dict[str, Any]) -> str:
     lines = [
         f"record     {details['path']}",
         f"status     {details['status']}"
-        + ("  (resumable with --resume)" if details["can_resume"] else ""),
-        f"last step  {details['last_step']}",
+        + ("  (or its process stopped before closing it)" if details["status"] == "running" else "")
+        + ("; resumable with --resume" if details["can_resume"] else ""),
+        "last step  " + ("none" if details["last_step"] is None else str(details["last_step"])),
         f"rows       {details['num_steps']} steps, {details['num_probes']} probes, "
         f"{details['num_snapshots']} snapshots",
         f"size       {details['file_bytes']} bytes on disk"

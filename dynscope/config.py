@@ -90,6 +90,8 @@ class RecordConfig:
         """Check every option and return self; raise ValueError naming the bad value and the fix."""
         _positive_int("steps", self.steps)
         _non_negative_int("seed", self.seed)
+        if self.seed >= 2**63:
+            raise ValueError(f"invalid seed {self.seed}: use a seed below 2**63")
         _choice_or_path("dataset", self.dataset)
         _int_at_least("classes", self.classes, 2)
         _positive_int("points-per-class", self.points_per_class)
@@ -126,6 +128,11 @@ class RecordConfig:
         _non_negative_int("batch-size", self.batch_size)
         if self.optimizer == "sgd" and self.batch_size == 0:
             raise ValueError("optimizer sgd needs --batch-size: give a mini-batch size above 0")
+        if self.optimizer == "gd" and self.batch_size != 0:
+            raise ValueError(
+                f"batch-size {self.batch_size} needs --optimizer sgd: full-batch gd uses every "
+                "training point, so drop --batch-size or choose sgd"
+            )
         if not (math.isfinite(self.momentum) and 0.0 <= self.momentum < 1.0):
             raise ValueError(f"invalid momentum {self.momentum!r}: use a value in [0, 1)")
 
@@ -143,6 +150,11 @@ class RecordConfig:
             )
         _non_negative_int("param-projection", self.param_projection)
         _choice("param-dtype", self.param_dtype, PARAM_DTYPES)
+        if self.eigenvectors and self.param_projection:
+            raise ValueError(
+                "--eigenvectors stores full-length eigenvectors, which --param-projection does "
+                "not project; use only one of them"
+            )
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"invalid device {self.device!r}: use cpu, cuda or cuda:N")
         return self
@@ -190,12 +202,14 @@ class RecordConfig:
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read option values from a TOML file: top-level keys or a `[record]` table."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config {path} is a folder; give a TOML file")
     try:
         with path.open("rb") as handle:
             document = tomllib.load(handle)
     except FileNotFoundError:
         raise ValueError(f"config file not found: {path}; check the path") from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"invalid TOML in {path}: {error}") from None
     if "record" in document and isinstance(document["record"], dict):
         return dict(document["record"])

@@ -128,6 +128,7 @@ def record(
         config.validate()
         _check_output(output, force)
         run = _build_run(config)
+        _check_sizes(run)
         writer = _create_writer(run, output, force)
         start_step = 0
         momentum = None
@@ -142,9 +143,49 @@ def _check_output(output: Path, force: bool) -> None:
             f"output folder not found: {output.parent}; create it first or choose another path"
         )
     if output.exists() and not force:
-        raise ValueError(f"output file exists: {output}; pass --force to overwrite it")
+        raise ValueError(
+            f"output file exists: {output}; pass --force to overwrite it "
+            "(or --resume to continue an interrupted record)"
+        )
     if output.is_dir():
         raise ValueError(f"output {output} is a folder; give a file path such as run.nc")
+
+
+def _check_sizes(run: _Run) -> None:
+    """Check the options bounded by the model and data sizes, before any file is written."""
+    config = run.config
+    num_params = sum(p.numel() for p in run.model.parameters())
+    if config.hessian_every and config.spectrum == "topk" and config.topk > num_params:
+        raise ValueError(
+            f"invalid topk {config.topk}: the model has {num_params} parameters, so use "
+            f"--topk {num_params} or less"
+        )
+    if config.eigenvectors > num_params:
+        raise ValueError(
+            f"invalid eigenvectors {config.eigenvectors}: the model has {num_params} parameters, "
+            f"so use --eigenvectors {num_params} or less"
+        )
+    if config.spectrum == "topk" and config.eigenvectors > config.topk:
+        raise ValueError(
+            f"invalid eigenvectors {config.eigenvectors}: top-k probes find {config.topk} "
+            "eigenvectors, so use --eigenvectors at most --topk"
+        )
+    ntk_size = run.x_train.shape[0] * run.dataset.num_classes
+    if config.ntk > ntk_size:
+        raise ValueError(
+            f"invalid ntk {config.ntk}: the neural tangent kernel has {ntk_size} eigenvalues "
+            f"(training points x classes), so use --ntk {ntk_size} or less"
+        )
+    if config.param_projection > num_params:
+        raise ValueError(
+            f"invalid param-projection {config.param_projection}: the model has {num_params} "
+            "parameters, so project to fewer dimensions or drop the option"
+        )
+    if config.batch_size > run.x_train.shape[0]:
+        raise ValueError(
+            f"invalid batch-size {config.batch_size}: the training set has "
+            f"{run.x_train.shape[0]} points, so use a smaller mini-batch"
+        )
 
 
 def _resolve_device(name: str) -> torch.device:

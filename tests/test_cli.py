@@ -56,6 +56,32 @@ def test_record_rejects_bad_option(tmp_path: Path, flags: list[str], message: st
     assert not output.exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--spectrum", "topk", "--topk", "100000"], "invalid topk 100000"),
+        (["--ntk", "100000"], "invalid ntk 100000"),
+        (["--param-projection", "100000"], "invalid param-projection 100000"),
+    ],
+)
+def test_record_rejects_size_before_writing(tmp_path: Path, flags: list[str], message: str) -> None:
+    output = tmp_path / "run.nc"
+    result = CliRunner().invoke(main, ["record", *SMALL_FLAGS, *flags, "-o", str(output)])
+
+    assert result.exit_code == 2
+    assert result.output.startswith(f"Error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_rejects_other_options(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["record", "--resume", "--lr", "0.5", "-o", str(tmp_path / "run.nc")]
+    )
+
+    assert result.exit_code == 2
+    assert "drop --lr" in result.output
+
+
 def test_record_rejects_missing_folder(tmp_path: Path) -> None:
     output = tmp_path / "absent" / "run.nc"
     result = CliRunner().invoke(main, ["record", *SMALL_FLAGS, "-o", str(output)])

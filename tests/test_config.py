@@ -24,6 +24,8 @@ from dynscope.config import RecordConfig, load_toml
         ("compression", 10, "invalid compression 10"),
         ("device", "tpu", "invalid device 'tpu'"),
         ("activation", "sigmoid", "invalid activation 'sigmoid'"),
+        ("seed", 2**64, "invalid seed 18446744073709551616"),
+        ("batch_size", 10, "batch-size 10 needs --optimizer sgd"),
     ],
 )
 def test_validate_names_bad_value(option: str, value: object, message: str) -> None:
@@ -99,3 +101,13 @@ def test_load_toml_invalid_syntax(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="invalid TOML"):
         load_toml(path)
+
+
+def test_eigenvectors_conflict_with_projection() -> None:
+    with pytest.raises(ValueError, match="use only one of them"):
+        RecordConfig(eigenvectors=2, param_projection=20).validate()
+
+
+def test_load_toml_rejects_folder(tmp_path) -> None:
+    with pytest.raises(ValueError, match="is a folder"):
+        load_toml(tmp_path)

@@ -410,11 +410,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
     curvature = summary.get("curvature")
     if curvature:
+        crossing = curvature["first_crossing_step"]
         lines.append(
             f"lambda_max final {_number(curvature['lambda_max_final'])} vs 2/lr "
             f"{_number(curvature['edge'])}; above the edge at "
-            f"{_number(100 * curvature['fraction_above_edge'], '.1f')}% of probes, first at "
-            f"step {curvature['first_crossing_step']}"
+            f"{_number(100 * curvature['fraction_above_edge'], '.1f')}% of probes; "
+            + (
+                "never rises through it"
+                if crossing is None
+                else f"first rises through it at step {crossing}"
+            )
         )
         near_edge = curvature.get("near_edge")
         if near_edge:
@@ -424,7 +429,18 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
     stability = summary.get("edge_of_stability")
     if stability and stability.get("lag") is not None:
-        lines.append(f"edge of stability: period 2 starts {stability['lag']} steps after crossing")
+        lag = stability["lag"]
+        onset, crossing_probe = stability["period2_step"], stability["crossing_step"]
+        if lag >= 0:
+            text = (
+                f"{lag} steps after lambda_max rose through 2/lr (probe at step {crossing_probe})"
+            )
+        else:
+            text = (
+                f"between the probe below 2/lr and the probe at step {crossing_probe} that first "
+                "saw lambda_max above it"
+            )
+        lines.append(f"edge of stability: period 2 starts at step {onset}, {text}")
     explored = summary.get("exploration")
     if explored:
         lines.append(
