@@ -163,7 +163,7 @@ def test_bad_file_gives_one_line(
 
 @pytest.mark.parametrize("spectrum", ["full", "topk"])
 def test_sigterm_then_resume_matches_full_run(tmp_path: Path, spectrum: str) -> None:
-    flags = ["--steps", "4000", "--points-per-class", "20", "--width", "12", "--period", "200",
+    flags = ["--steps", "1500", "--points-per-class", "20", "--width", "12", "--period", "200",
              "--amplitude", "5", "--lr", "0.5", "--hessian-every", "100",
              "--spectrum", spectrum, "--topk", "3",
              "--snapshot-every", "100", "--flush-every", "50", "--quiet"]  # fmt: skip
