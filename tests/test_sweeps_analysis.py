@@ -236,3 +236,16 @@ def test_analyze_runs_mean_curves(
         assert curves["lambda_max_mean"].dims == ("lr", "width", "probe_step")
         assert curves["static_loss_mean"].dims == ("lr", "width", "step")
     assert "curves.nc" in summary["files"]
+
+
+def test_format_summary_without_probes(
+    records: dict[tuple[str, int, int], Path], tmp_path: Path
+) -> None:
+    datasets = [
+        _relabel(path).drop_vars(["eigenvalues", "probe_step", "hessian_trace"])
+        for path in records.values()
+    ]
+    text = format_summary(analyze_runs(datasets, tmp_path, control="width"))
+    assert "val accuracy (mean +- std, n)" in text
+    assert "lambda_max (mean" not in text
+    assert not (tmp_path / "lambda_max_width.png").exists()

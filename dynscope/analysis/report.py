@@ -471,11 +471,15 @@ def _format_runs(summary: dict[str, Any]) -> str:
 def _format_sweep(sweep: dict[str, Any]) -> list[str]:
     """Format the mean +- std (count) of final val accuracy and lambda_max per grid point."""
     options = sweep["options"]
-    header = [*options, "val accuracy (mean +- std, n)", "lambda_max (mean +- std, n)"]
+    names = {"final_val_accuracy": "val accuracy", "final_lambda_max": "lambda_max"}
+    # Without probes every lambda_max count is 0, so that column is left out.
+    if not any(point["final_lambda_max_count"] for point in sweep["points"]):
+        names.pop("final_lambda_max")
+    header = [*options, *(f"{label} (mean +- std, n)" for label in names.values())]
     rows = []
     for point in sweep["points"]:
         row = [_option_text(point[option]) for option in options]
-        for name in ("final_val_accuracy", "final_lambda_max"):
+        for name in names:
             row.append(
                 f"{_number(point[f'{name}_mean'])} +- {_number(point[f'{name}_std'])} "
                 f"({point[f'{name}_count']})"
