@@ -234,7 +234,7 @@ def open_records(
         configs[path] = json.loads(str(summary.attrs["config"]))
         variable_names.update(summary.dtypes, summary.dims)
 
-    options = _differing_options(list(configs.values()))
+    options = differing_options(list(configs.values()))
     dim_names = {
         option: f"config_{option}" if option in variable_names else option for option in options
     }
@@ -306,7 +306,7 @@ def _expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str
     return [os.path.abspath(path) for path in files]
 
 
-def _differing_options(configs: list[dict[str, Any]]) -> list[str]:
+def differing_options(configs: list[dict[str, Any]]) -> list[str]:
     """Return the scalar options whose values are not the same in every config, in key order."""
     keys: list[str] = []
     for config in configs:

@@ -44,7 +44,13 @@ loads the whole record into memory.
 """
 
 from dynscope._ncfile import RecordError
-from dynscope._reader import RecordInfo, open_record, open_records, record_info
+from dynscope._reader import (
+    RecordInfo,
+    differing_options,
+    open_record,
+    open_records,
+    record_info,
+)
 from dynscope._writer import RecordWriteError, RecordWriter
 
 __all__ = [
@@ -52,6 +58,7 @@ __all__ = [
     "RecordInfo",
     "RecordWriteError",
     "RecordWriter",
+    "differing_options",
     "open_record",
     "open_records",
     "record_info",

@@ -300,7 +300,7 @@ def _headers(records: Sequence[Record]) -> list[_Run]:
 def _grid(runs: list[_Run]) -> _Grid:
     """Place each run on the grid of the options that differ between runs."""
     configs = [run.config for run in runs]
-    options = tuple(option for option in _differing_options(configs) if option != SEED)
+    options = tuple(option for option in store.differing_options(configs) if option != SEED)
     values: dict[str, list[Any]] = {}
     for option in options:
         values[option] = sorted({config[option] for config in configs})
@@ -319,23 +319,6 @@ def _grid(runs: list[_Run]) -> _Grid:
         occupied[position] = run.source
         positions.append(position)
     return _Grid(options, values, tuple(positions))
-
-
-def _differing_options(configs: list[dict[str, Any]]) -> list[str]:
-    """Return the scalar options whose values are not the same in every config, in key order."""
-    keys: list[str] = []
-    for config in configs:
-        for key in config:
-            if key not in keys:
-                keys.append(key)
-    differing = []
-    for key in keys:
-        values = [config.get(key) for config in configs]
-        if not all(isinstance(value, (str, int, float, bool)) for value in values):
-            continue
-        if len(set(values)) > 1:
-            differing.append(key)
-    return differing
 
 
 def _read_runs(
