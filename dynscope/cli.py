@@ -253,10 +253,16 @@ def analyze(records: tuple[str, ...], output: str, control: str | None, quiet: b
             raise ValueError(f"output {out_dir} is a file; give a folder for the analysis")
         paths = _expand_records(records)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if len(paths) == 1 and control is None:
-            summary = report.analyze_record(paths[0], out_dir)
-        else:
-            summary = report.analyze_runs(paths, out_dir, control=control or "lr")
+        try:
+            if len(paths) == 1 and control is None:
+                summary = report.analyze_record(paths[0], out_dir)
+            else:
+                summary = report.analyze_runs(paths, out_dir, control=control or "lr")
+        except RuntimeError as error:
+            # netCDF4 reports a failed write (a full disk, a size limit) as a RuntimeError.
+            if "NetCDF" not in str(error) and "HDF" not in str(error):
+                raise
+            raise OSError(f"cannot write the analysis to {out_dir}: {error}") from error
         if not quiet:
             click.echo(report.format_summary(summary))
         return 0
