@@ -136,12 +136,12 @@ def record(
     def action() -> int:
         from dynscope.recorder import record as run_record
 
-        given = {k: v for k, v in options.items() if v is not None}
-        if resume and (given or config_path):
-            names = ", ".join("--" + k.replace("_", "-") for k in given) or "--config"
+        flag_values = {k: v for k, v in options.items() if v is not None}
+        if resume and (flag_values or config_path):
+            names = ", ".join("--" + k.replace("_", "-") for k in flag_values) or "--config"
             raise ValueError(f"--resume continues a record with its stored options; drop {names}")
         values: dict[str, Any] = load_toml(config_path) if config_path else {}
-        values.update(given)
+        values.update(flag_values)
         config = RecordConfig.from_dict(values).validate()
         if resume and force:
             raise ValueError("--resume and --force contradict each other; pass only one")
@@ -332,7 +332,7 @@ def _format_info(details: dict[str, Any]) -> str:
 @click.argument("system", type=click.Choice(["logistic-map", "double-well"]))
 @click.option("--max-doublings", default=4, show_default=True, help="Doublings to locate.")
 def groundtruth(system: str, max_doublings: int) -> None:
-    """Locate the period doublings of a system whose answer is known, and print them as JSON."""
+    """Locate the period doublings of a system with known bifurcation points; print them as JSON."""
 
     def action() -> int:
         from dynscope.analysis import ground_truth
