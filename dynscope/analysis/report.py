@@ -422,7 +422,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
         )
         near_edge = curvature.get("near_edge")
-        if near_edge:
+        if near_edge and near_edge["steps"] > 0:
             lines.append(
                 f"lambda_max within 10% of 2/lr for {near_edge['steps']} steps "
                 f"({near_edge['start_step']} to {near_edge['end_step']})"
