@@ -143,6 +143,8 @@ def record(
         values: dict[str, Any] = load_toml(config_path) if config_path else {}
         values.update(flag_values)
         config = RecordConfig.from_dict(values).validate()
+        for option in config.ignored_options():
+            click.echo(f"Warning: {option} has no effect", err=True)
         if resume and force:
             raise ValueError("--resume and --force contradict each other; pass only one")
         if ensemble_size < 0:

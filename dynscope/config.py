@@ -159,6 +159,17 @@ class RecordConfig:
             raise ValueError(f"invalid device {self.device!r}: use cpu, cuda or cuda:N")
         return self
 
+    def ignored_options(self) -> list[str]:
+        """List the options that are set but have no effect with the other options chosen."""
+        ignored = []
+        if self.loss not in DYNAMICAL_LOSSES and self.amplitude != 1.0:
+            ignored.append(f"--amplitude {self.amplitude} (loss {self.loss} is static)")
+        if self.dataset in ("moons", "circles") and self.classes != 3:
+            ignored.append(f"--classes {self.classes} ({self.dataset} always has 2 classes)")
+        if self.dataset != "spiral" and self.revolutions != 4.0:
+            ignored.append(f"--revolutions {self.revolutions} (only the spiral uses it)")
+        return ignored
+
     @property
     def is_dynamical(self) -> bool:
         """Whether the loss oscillates (a dynamical loss with amplitude above 1)."""

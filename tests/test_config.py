@@ -111,3 +111,17 @@ def test_eigenvectors_conflict_with_projection() -> None:
 def test_load_toml_rejects_folder(tmp_path) -> None:
     with pytest.raises(ValueError, match="is a folder"):
         load_toml(tmp_path)
+
+
+def test_ignored_options_listed() -> None:
+    config = RecordConfig(loss="ce", amplitude=70.0, dataset="moons", classes=5)
+
+    ignored = config.ignored_options()
+
+    assert len(ignored) == 2
+    assert ignored[0].startswith("--amplitude 70.0")
+    assert ignored[1].startswith("--classes 5")
+
+
+def test_defaults_ignore_nothing() -> None:
+    assert RecordConfig().ignored_options() == []
