@@ -639,8 +639,8 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-# Locks this process holds, by record path. A new writer in the same process takes over the lock
-# of an abandoned one (as after a simulated crash); the lock only keeps other processes out.
+# Locks this process has taken, by record path. A new writer in the same process takes over the
+# lock of an abandoned one (as after a simulated crash), because the lock only keeps out others.
 _HELD_LOCKS: dict[str, int] = {}
 
 

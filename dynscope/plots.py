@@ -27,9 +27,12 @@ ROBUST_PERCENTILE = 0.5
 
 
 def _set_robust_limits(axis: plt.Axes, values: np.ndarray) -> None:
-    """Fit the y-range to the central 99% of the values, so a few outliers (the large jumps
-    where a period ends) do not flatten the period-doubling branches; the outliers fall off the
-    plot and the count is written in the corner."""
+    """Fit the y-range to the central 99% of the values.
+
+    A few outliers (the large jumps where a period ends) would otherwise flatten the
+    period-doubling branches. The outliers fall off the plot and their count is written in the
+    corner.
+    """
     finite = np.asarray(values, dtype=float)
     finite = finite[np.isfinite(finite)]
     if finite.size < 10:

@@ -411,7 +411,7 @@ def _record_status(path: Path) -> str | None:
         logger.warning("recording %s again because it is not a readable record: %s", path, error)
         return None
     if info.status not in FINISHED_STATUSES and not info.can_resume:
-        logger.warning("recording %s again because it holds no resume state", path)
+        logger.warning("recording %s again because it has no resume state", path)
         return None
     return info.status
 

@@ -76,7 +76,7 @@ class CurvatureReduction:
 
 @dataclass(frozen=True)
 class EdgeStretch:
-    """Longest run of consecutive probes with lambda_max within a tolerance of the edge 2/lr."""
+    """Stretch of consecutive probes, of maximum length, with lambda_max near the edge 2/lr."""
 
     start_step: int
     end_step: int
