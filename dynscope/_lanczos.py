@@ -141,14 +141,15 @@ def lanczos(
         raise ValueError(f"invalid max_iterations {max_iterations!r}: use at least k = {k}")
     generator = torch.Generator().manual_seed(seed)
 
+    # Vectors stay in torch: NumPy's OpenBLAS threads keep spinning after each call and slow
+    # the torch operations of the next product. Only the small tridiagonal goes to NumPy.
     basis = torch.zeros(limit, size, dtype=torch.float64)
     products = torch.zeros(limit, size, dtype=torch.float64)
-    alphas: list[float] = []
-    betas: list[float] = []
+    tridiagonal = np.zeros((limit, limit))
     if start is None:
         vector = torch.randn(size, generator=generator, dtype=torch.float64)
     else:
-        vector = start.detach().reshape(-1).to(device="cpu", dtype=torch.float64).clone()
+        vector = start.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
     norm = float(vector.norm())
     if not (norm > 0 and math.isfinite(norm)):
         raise ValueError("invalid start vector: use a finite vector that is not zero")
@@ -156,42 +157,45 @@ def lanczos(
 
     converged = False
     count = 0
+    previous_beta = 0.0
     for index in range(limit):
         product = _apply(matvec, basis[index])
         products[index] = product
         count = index + 1
         alpha = float(basis[index] @ product)
-        alphas.append(alpha)
+        tridiagonal[index, index] = alpha
         residual = product - alpha * basis[index]
         if index > 0:
-            residual -= betas[-1] * basis[index - 1]
+            residual -= previous_beta * basis[index - 1]
+        active = basis[:count]
         for _ in range(2):
-            residual -= basis[:count].T @ (basis[:count] @ residual)
+            residual -= active.T @ (active @ residual)
         beta = float(residual.norm())
 
         if count >= k:
-            values, _, bounds = _ritz(alphas, betas, beta, k)
+            values, _, bounds = _ritz(tridiagonal[:count, :count], beta, k)
             scale = max(float(np.abs(values).max()), np.finfo(np.float64).tiny)
             if bool(np.all(bounds <= tol * scale)):
                 converged = True
                 break
         if count == limit:
             break
-        scale = max(abs(value) for value in alphas)
+        scale = float(np.abs(np.diagonal(tridiagonal)[:count]).max())
         if beta <= 1e-12 * max(scale, np.finfo(np.float64).tiny):
             # The basis spans an invariant subspace: continue from a fresh orthogonal direction.
             residual = torch.randn(size, generator=generator, dtype=torch.float64)
             for _ in range(2):
-                residual -= basis[:count].T @ (basis[:count] @ residual)
-            betas.append(0.0)
+                residual -= active.T @ (active @ residual)
+            previous_beta = 0.0
             basis[count] = residual / residual.norm()
             continue
-        betas.append(beta)
+        tridiagonal[count, index] = tridiagonal[index, count] = beta
+        previous_beta = beta
         basis[count] = residual / beta
 
     if count == size:
         converged = True
-    values, vectors, _ = _ritz(alphas, betas[: count - 1], 0.0, k)
+    values, vectors, _ = _ritz(tridiagonal[:count, :count], 0.0, k)
     coefficients = torch.from_numpy(np.ascontiguousarray(vectors.T))  # (k, m)
     ritz_vectors = coefficients @ basis[:count]
     ritz_products = coefficients @ products[:count]
@@ -213,14 +217,12 @@ def lanczos(
 
 
 def _ritz(
-    alphas: list[float], betas: list[float], last_beta: float, k: int
+    tridiagonal: np.ndarray, last_beta: float, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return the top k Ritz values (descending), their vectors in the basis and error bounds."""
-    tridiagonal = np.diag(alphas)
-    if betas:
-        off = np.asarray(betas[: len(alphas) - 1])
-        tridiagonal += np.diag(off, 1) + np.diag(off, -1)
-    values, vectors = np.linalg.eigh(tridiagonal)
+    # torch's LAPACK, not NumPy's: see the note on OpenBLAS threads in `lanczos`.
+    values_tensor, vectors_tensor = torch.linalg.eigh(torch.from_numpy(tridiagonal))
+    values, vectors = values_tensor.numpy(), vectors_tensor.numpy()
     order = np.argsort(values)[::-1][:k]
     bounds = abs(last_beta) * np.abs(vectors[-1, order])
     return values[order], vectors[:, order], bounds

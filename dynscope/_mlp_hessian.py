@@ -26,6 +26,7 @@ many samples are better served by the torch.func path or by Lanczos on Hessian-v
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -406,3 +407,112 @@ def mlp_ntk(linears: list[nn.Linear], activation: str, inputs: Tensor) -> Tensor
             if layer > 0:
                 sensitivity = (sensitivity @ linears[layer].weight) * first[layer - 1][:, None, :]
         return gram
+
+
+def mlp_hessian_vector_product(
+    linears: list[nn.Linear],
+    activation: str,
+    loss_fn: losses.ClassificationLoss,
+    inputs: Tensor,
+    targets: Tensor,
+    step: int,
+) -> Callable[[Tensor], Tensor]:
+    """Build v -> H v by the R-operator: one forward and one backward pass of directional terms.
+
+    The forward quantities (a_l, sigma', sigma'', e_l and the output Hessian Q_L) are computed
+    once. Each product then pushes the direction V = (V_l, c_l) forward as
+    ``R z_l = a_l V_l^T + c_l + (R a_l) W_l^T`` with ``R a_{l+1} = sigma'_l * R z_l``, and back as
+    ``R e_L = Q_L R z_L`` and
+
+        R e_{l-1} = sigma'_{l-1} * (R e_l W_l + e_l V_l) + sigma''_{l-1} * R z_{l-1} * (e_l W_l),
+
+    giving ``H v`` for layer l as ``(R e_l^T a_l + e_l^T R a_l, sum_n R e_l)``: about six N x in x
+    out matrix products per layer and no autograd graph.
+    """
+    with torch.no_grad():
+        layer_inputs = [inputs]
+        first: list[Tensor] = []
+        second: list[Tensor | None] = []
+        hidden = inputs
+        for linear in linears[:-1]:
+            pre = hidden @ linear.weight.T + linear.bias
+            derivative, curvature = activation_derivatives(activation, pre)
+            first.append(derivative)
+            second.append(curvature)
+            hidden = models.ACTIVATIONS[activation](pre)
+            layer_inputs.append(hidden)
+        outputs = hidden @ linears[-1].weight.T + linears[-1].bias
+        gradient, output_hessian = output_derivatives(loss_fn, outputs, targets, step)
+        gradients = [gradient]
+        # sigma''_{l-1} * (e_l W_l), the activation's curvature term, None where sigma'' is zero
+        curvature_backs: list[Tensor | None] = []
+        for layer in range(len(linears) - 1, 0, -1):
+            back = gradients[0] @ linears[layer].weight
+            curvature = second[layer - 1]
+            curvature_backs.insert(0, None if curvature is None else curvature * back)
+            gradients.insert(0, first[layer - 1] * back)
+        weights = [linear.weight.detach().clone() for linear in linears]
+        shapes = [(weight.shape, weight.numel(), weight.shape[0]) for weight in weights]
+        size = sum(count + units for _, count, units in shapes)
+
+    def product(vector: Tensor) -> Tensor:
+        # In-place and out= products keep fresh (N, width) allocations, which page-fault, few.
+        with torch.no_grad():
+            result = torch.empty(size, dtype=vector.dtype, device=vector.device)
+            directions = []
+            blocks = []
+            offset = 0
+            for shape, count, units in shapes:
+                weight_direction = vector[offset : offset + count].reshape(shape)
+                bias_direction = vector[offset + count : offset + count + units]
+                directions.append((weight_direction, bias_direction))
+                blocks.append(
+                    (
+                        result[offset : offset + count].view(shape),
+                        result[offset + count : offset + count + units],
+                    )
+                )
+                offset += count + units
+
+            # forward: R z_l for every layer, R a_l for the hidden inputs
+            input_directions: list[Tensor | None] = [None]
+            pre_directions: list[Tensor | None] = []
+            last = len(directions) - 1
+            for layer, (weight_direction, bias_direction) in enumerate(directions):
+                pre_direction = torch.addmm(bias_direction, layer_inputs[layer], weight_direction.T)
+                input_direction = input_directions[layer]
+                if input_direction is not None:
+                    pre_direction.addmm_(input_direction, weights[layer].T)
+                if layer == last:
+                    pre_directions.append(pre_direction)
+                elif layer < last and curvature_backs[layer] is None:
+                    pre_directions.append(None)  # not needed later: scale it in place
+                    input_directions.append(pre_direction.mul_(first[layer]))
+                else:
+                    pre_directions.append(pre_direction)
+                    input_directions.append(first[layer] * pre_direction)
+
+            # backward: R e_l from the output down, the product's blocks on the way
+            output_direction = pre_directions[-1]
+            assert output_direction is not None
+            error_direction = torch.bmm(output_hessian, output_direction[:, :, None])[:, :, 0]
+            for layer in range(last, -1, -1):
+                weight_block, bias_block = blocks[layer]
+                torch.mm(error_direction.T, layer_inputs[layer], out=weight_block)
+                input_direction = input_directions[layer]
+                if input_direction is not None:
+                    weight_block.addmm_(gradients[layer].T, input_direction)
+                torch.sum(error_direction, dim=0, out=bias_block)
+                if layer == 0:
+                    break
+                back_direction = torch.mm(error_direction, weights[layer])
+                back_direction.addmm_(gradients[layer], directions[layer][0])
+                error_direction = back_direction.mul_(first[layer - 1])
+                curvature_back = curvature_backs[layer - 1]
+                if curvature_back is not None:
+                    hidden_direction = pre_directions[layer - 1]
+                    assert hidden_direction is not None
+                    error_direction.addcmul_(curvature_back, hidden_direction)
+            return result
+
+    return product

@@ -230,9 +230,12 @@ def hessian_vector_product(
 ) -> Callable[[Tensor], Tensor]:
     """Build the map v -> H v at the current parameters, without forming H.
 
-    Each product is one forward-over-reverse pass (``torch.func.jvp`` of ``torch.func.grad``),
-    about the cost of three gradient evaluations. The parameters are copied when the map is
-    built, so later training steps do not change it.
+    For a `dynscope.models.MLP` under a dynscope loss, each product is one forward and one
+    backward pass of directional derivatives written as matrix products (the R-operator), with
+    the forward quantities computed once when the map is built. Otherwise each product is one
+    forward-over-reverse pass (``torch.func.jvp`` of ``torch.func.grad``), about the cost of
+    three gradient evaluations. The map holds copies of what it needs, so later training steps
+    do not change it.
 
     Parameters
     ----------
@@ -244,6 +247,22 @@ def hessian_vector_product(
     Callable
         A function from a (P,) vector to the (P,) product in the parameters' dtype.
     """
+    linears = _mlp_hessian.mlp_linears(model)
+    if linears is not None and _mlp_hessian.is_closed_form_loss(loss_fn):
+        assert isinstance(model, models.MLP)
+        assert isinstance(loss_fn, losses.ClassificationLoss)
+        dtype = linears[0].weight.dtype
+        device = linears[0].weight.device
+        structured = _mlp_hessian.mlp_hessian_vector_product(
+            linears,
+            model.activation,
+            loss_fn,
+            inputs.to(dtype=dtype, device=device),
+            targets.to(device=device),
+            step,
+        )
+        return lambda vector: structured(vector.to(dtype=dtype, device=device))
+
     loss_of_flat, flat = _functional.flat_loss(model, loss_fn, inputs, targets, step)
     gradient = torch.func.grad(loss_of_flat)
 

@@ -408,6 +408,72 @@ def test_hessian_vector_product_matches_dense():
     assert relative_error(product, expected) < 1e-12
 
 
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize(("activation", "depth"), FAST_PATH_CASES)
+def test_mlp_hessian_vector_product_float64_matches_reference(name, activation, depth):
+    model = models.build_mlp(2, 3, width=5, depth=depth, activation=activation, seed=6)
+    inputs, targets = make_batch(features=2)
+    loss_fn = make_loss(name)
+    size = models.count_parameters(model)
+    vectors = torch.randn(3, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    product = curvature.hessian_vector_product(model, loss_fn, inputs, targets, 5)
+    actual = torch.stack([product(vector) for vector in vectors])
+
+    expected = vectors @ reference_hessian(model, loss_fn, inputs, targets, step=5)
+    assert actual.dtype == torch.float64
+    assert relative_error(actual, expected) < 1e-10
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize(("activation", "depth"), FAST_PATH_CASES)
+def test_mlp_hessian_vector_product_float32_matches_reference(name, activation, depth):
+    model = models.build_mlp(2, 3, width=5, depth=depth, activation=activation, seed=7)
+    model32 = models.build_mlp(
+        2, 3, width=5, depth=depth, activation=activation, seed=7, dtype=torch.float32
+    )
+    models.assign_parameters(model, models.flatten_parameters(model32).double())
+    inputs, targets = make_batch(features=2)
+    loss_fn = make_loss(name)
+    size = models.count_parameters(model)
+    vector = torch.randn(size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    product = curvature.hessian_vector_product(model32, loss_fn, inputs.float(), targets, 5)
+    actual = product(vector.float())
+
+    reference = reference_hessian(model, loss_fn, inputs.float().double(), targets, step=5)
+    assert actual.dtype == torch.float32
+    assert relative_error(actual, reference @ vector) < 1e-5
+
+
+def test_mlp_hessian_vector_product_skips_torch_func(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the MLP product must not call torch.func")
+
+    monkeypatch.setattr(torch.func, "jvp", refuse)
+    monkeypatch.setattr(torch.func, "grad", refuse)
+    model = models.build_mlp(2, 3, width=4, depth=1, activation="relu", seed=8)
+    inputs, targets = make_batch(features=2)
+    product = curvature.hessian_vector_product(model, make_loss("ce"), inputs, targets)
+
+    assert product(torch.ones(27, dtype=torch.float64)).shape == (27,)
+
+
+def test_hessian_vector_product_ignores_later_training_steps():
+    model = models.build_mlp(2, 3, width=4, depth=1, activation="tanh", seed=9)
+    inputs, targets = make_batch(features=2)
+    loss_fn = make_loss("dmse1")
+    vector = torch.ones(models.count_parameters(model), dtype=torch.float64)
+    product = curvature.hessian_vector_product(model, loss_fn, inputs, targets, 5)
+    before = product(vector)
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.5)
+
+    assert torch.equal(product(vector), before)
+
+
 def test_probe_topk_generic_module_estimates_trace():
     model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     inputs, targets = make_batch(count=20, features=2)
