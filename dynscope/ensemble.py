@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from dynscope import losses, models, recorder, store
+from dynscope import _mlp_hessian, losses, models, recorder, store
 from dynscope.config import RecordConfig
 from dynscope.recorder import RecordResult
 
@@ -222,6 +222,221 @@ def _member_step_function(ensemble: _Ensemble) -> Callable[..., tuple[dict[str, 
     return torch.func.vmap(member_step)
 
 
+def _mlp_step_function(
+    ensemble: _Ensemble,
+) -> Callable[..., tuple[dict[str, Tensor], Tensor]] | None:
+    """Return the step of `_member_step_function` written out for a stack of MLPs, or None.
+
+    The members' layers are batched matrix products (``torch.baddbmm`` and ``torch.bmm`` over
+    the member axis), and the backward pass applies the closed-form output gradient of the loss,
+    so no autograd graph is built. For the small networks an ensemble is for, this removes most
+    of the per-operation cost that vmap over autograd pays.
+    """
+    model = ensemble.runs[0].model
+    linears = _mlp_hessian.mlp_linears(model)
+    if linears is None:
+        return None
+    assert isinstance(model, models.MLP)
+    activation = models.ACTIVATIONS[model.activation]
+    activation_name = model.activation
+    weight_names = ensemble.names[0::2]
+    bias_names = ensemble.names[1::2]
+    loss_name = ensemble.runs[0].loss.name
+    static_name = ensemble.runs[0].static_loss.name
+    full_batch = ensemble.config.optimizer == "gd"
+
+    # Reused (K, N, width) buffers: a fresh allocation of that size is returned to the system
+    # when freed, so each new one costs page faults, which dominate a step of small networks.
+    workspace: dict[tuple[str, int, tuple[int, ...]], Tensor] = {}
+
+    def buffer(role: str, layer: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Return the workspace tensor for (role, layer, shape) with ``like``'s dtype."""
+        kept = workspace.get((role, layer, shape))
+        if kept is None:
+            kept = torch.empty(shape, dtype=like.dtype, device=like.device)
+            workspace[(role, layer, shape)] = kept
+        return kept
+
+    extended_inputs: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def with_ones(x: Tensor, role: str) -> Tensor:
+        """Return x with a column of ones appended, kept while the same x comes back."""
+        kept = extended_inputs.get(role)
+        if kept is not None and kept[0] is x:
+            return kept[1]
+        ones = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device)
+        extended = torch.cat([x, ones], dim=2)
+        extended_inputs[role] = (x, extended)
+        return extended
+
+    def forward(
+        params: dict[str, Tensor],
+        x: Tensor,
+        x_extended: Tensor,
+        role: str,
+        gates: list[Tensor] | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Return the outputs (K, N, C) and each layer's input.
+
+        ``gates`` receives each hidden layer's slope, except for ReLU, whose backward pass
+        reads the layer's output instead.
+        """
+        layer_inputs = [x]
+        hidden = x
+        for layer, (weight_name, bias_name) in enumerate(
+            zip(weight_names[:-1], bias_names[:-1], strict=True)
+        ):
+            weight = params[weight_name]
+            bias = params[bias_name]
+            shape = (hidden.shape[0], hidden.shape[1], weight.shape[1])
+            pre = buffer(role, layer, shape, hidden)
+            if layer == 0:
+                # The bias as the weight of a constant input: one pass over the result instead
+                # of a broadcast copy of the bias followed by the product.
+                extended = torch.cat([weight, bias[:, :, None]], dim=2)
+                torch.bmm(x_extended, extended.mT, out=pre)
+            else:
+                torch.baddbmm(bias[:, None, :], hidden, weight.mT, out=pre)
+            if activation_name == "relu":
+                hidden = pre.clamp_min_(0)  # its backward gate is read off the output itself
+            else:
+                if gates is not None:
+                    gates.append(_mlp_hessian.activation_derivatives(activation_name, pre)[0])
+                hidden = activation(pre)
+            layer_inputs.append(hidden)
+        bias = params[bias_names[-1]][:, None, :]
+        return torch.baddbmm(bias, hidden, params[weight_names[-1]].mT), layer_inputs
+
+    def members_step(
+        params: dict[str, Tensor], data: dict[str, Tensor], gamma: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Run one step of every member; ``data`` holds the inputs by name."""
+        gates: list[Tensor] = []
+        batch_outputs, layer_inputs = forward(
+            params, data["x_batch"], data["x_batch_extended"], "batch", gates
+        )
+        softmax_cache: dict[int, Tensor] = {}
+        objective_value, error = _stacked_loss(
+            loss_name, batch_outputs, data["y_batch"], gamma, True, softmax_cache
+        )
+        assert error is not None
+        gradients: dict[str, Tensor] = {}
+        for layer in range(len(weight_names) - 1, -1, -1):
+            if layer == 0 and len(weight_names) > 1:
+                # weight and bias in one product with the input extended by ones
+                extended = torch.bmm(data["x_batch_extended"].mT, error).mT
+                gradients[weight_names[0]] = extended[:, :, :-1]
+                gradients[bias_names[0]] = extended[:, :, -1]
+                break
+            gradients[weight_names[layer]] = torch.bmm(error.mT, layer_inputs[layer])
+            gradients[bias_names[layer]] = error.sum(dim=1)
+            if layer > 0:
+                back = buffer("back", layer, tuple(layer_inputs[layer].shape), error)
+                error = torch.bmm(error, params[weight_names[layer]], out=back)
+                if activation_name == "relu":
+                    # autograd's ReLU backward: the gradient where the output is above 0
+                    threshold = torch.ops.aten.threshold_backward.grad_input
+                    threshold(error, layer_inputs[layer], 0.0, grad_input=error)
+                else:
+                    error.mul_(gates[layer - 1])
+
+        y = data["y"]
+        if full_batch:
+            outputs = batch_outputs
+            loss = objective_value
+            minibatch_loss = torch.full_like(loss, math.nan)
+        else:
+            outputs = forward(params, data["x"], data["x_extended"], "train")[0]
+            loss = _stacked_loss(loss_name, outputs, y, gamma, False, softmax_cache)[0]
+            minibatch_loss = objective_value
+        static = _stacked_loss(static_name, outputs, y, gamma, False, softmax_cache)[0]
+        train_accuracy = (outputs.argmax(dim=2) == y).double().mean(dim=1)
+        val_outputs = forward(params, data["x_val"], data["x_val_extended"], "validation")[0]
+        val_accuracy = (val_outputs.argmax(dim=2) == data["y_val"]).double().mean(dim=1)
+        squares = [
+            (gradients[name].double() ** 2).flatten(start_dim=1).sum(dim=1)
+            for name in ensemble.names
+        ]
+        grad_norm = torch.sqrt(torch.stack(squares).sum(dim=0))
+        metrics = [loss, static, train_accuracy, val_accuracy, grad_norm, minibatch_loss]
+        return gradients, torch.stack([value.double() for value in metrics], dim=1)
+
+    def step(
+        params: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        x_val: Tensor,
+        y_val: Tensor,
+        gamma: Tensor,
+        x_batch: Tensor,
+        y_batch: Tensor,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        with torch.no_grad():
+            data = {
+                "x": x,
+                "y": y,
+                "x_val": x_val,
+                "y_val": y_val,
+                "x_batch": x_batch,
+                "y_batch": y_batch,
+                "x_extended": with_ones(x, "train"),
+                "x_val_extended": with_ones(x_val, "validation"),
+                "x_batch_extended": with_ones(x_batch, "batch"),
+            }
+            gradients, metrics = members_step(params, data, gamma)
+            return {name: gradients[name] for name in ensemble.names}, metrics
+
+    return step
+
+
+def _stacked_loss(
+    name: str,
+    outputs: Tensor,
+    targets: Tensor,
+    gamma: Tensor,
+    with_gradient: bool,
+    softmax_cache: dict[int, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Return each member's loss (K,) and, on request, its gradient in the outputs (K, N, C).
+
+    The formulas are those of `dynscope.losses.weighted_loss` with a leading member axis;
+    ``gamma`` is (K, C). The gradient includes the 1/N of the mean. ``softmax_cache`` keeps the
+    log-probabilities of each outputs tensor, for a dynamical and a static loss of the same
+    outputs.
+    """
+    count = outputs.shape[1]
+    classes = torch.arange(outputs.shape[2], device=outputs.device)
+    one_hot = (targets[:, :, None] == classes).to(outputs.dtype)
+    sample_weight = gamma.gather(1, targets) if name in ("dce", "dmse1") else None
+    if name in ("ce", "dce"):
+        cached = softmax_cache.get(id(outputs)) if softmax_cache is not None else None
+        log_probabilities = torch.log_softmax(outputs, dim=2) if cached is None else cached
+        if softmax_cache is not None:
+            softmax_cache[id(outputs)] = log_probabilities
+        per_sample = -log_probabilities.gather(2, targets[:, :, None])[:, :, 0]
+        difference = torch.exp(log_probabilities) - one_hot if with_gradient else None
+    else:
+        residual = outputs - one_hot
+        squared = residual * residual
+        if name == "dmse2":
+            per_sample = (squared * gamma[:, None, :]).sum(dim=2)
+        else:
+            per_sample = squared.sum(dim=2)
+        difference = None
+        if with_gradient:
+            difference = 2.0 * residual
+            if name == "dmse2":
+                difference = difference * gamma[:, None, :]
+    if sample_weight is not None:
+        per_sample = sample_weight * per_sample
+    value = per_sample.mean(dim=1)
+    if difference is None:
+        return value, None
+    if sample_weight is not None:
+        difference = difference * sample_weight[:, :, None]
+    return value, difference / count
+
+
 def _weighted_loss(name: str, outputs: Tensor, targets: Tensor, gamma: Tensor) -> Tensor:
     """Evaluate `dynscope.losses.weighted_loss` in a form that vmap over labels accepts.
 
@@ -247,7 +462,8 @@ def _train(
 ) -> list[RecordResult]:
     config = ensemble.config
     count = len(ensemble.runs)
-    step_function = _member_step_function(ensemble)
+    step_function = _mlp_step_function(ensemble) or _member_step_function(ensemble)
+    gammas = _GammaBlocks(ensemble)
     momentum = None
     if config.momentum:
         momentum = {name: torch.zeros_like(value) for name, value in ensemble.params.items()}
@@ -265,7 +481,7 @@ def _train(
     )
     try:
         for step in range(config.steps):
-            gamma = _stacked_gamma(ensemble, step)
+            gamma_values, gamma = gammas.at(step)
             x_batch, y_batch = _batches(ensemble, step)
             gradients, metrics = step_function(
                 ensemble.params,
@@ -281,7 +497,7 @@ def _train(
             finite = _finite_gradients(gradients).tolist()
 
             for k in list(active):
-                if not _record_member_step(ensemble, k, step, rows[k], gamma[k]):
+                if not _record_member_step(ensemble, k, step, rows[k], gamma_values[k]):
                     # Like the recorder: a non-finite loss is not written as a row.
                     _stop_diverged(ensemble, k, step, momentum, rows[k][0])
                 elif not finite[k]:
@@ -315,9 +531,30 @@ def _train(
     return _results(ensemble, statuses, last_steps, diverged_values, started, stop_signal)
 
 
-def _stacked_gamma(ensemble: _Ensemble, step: int) -> Tensor:
-    values = np.stack([run.loss.gamma_at(step) for run in ensemble.runs])
-    return torch.as_tensor(values, dtype=ensemble.x_train.dtype, device=ensemble.x_train.device)
+class _GammaBlocks:
+    """Each member's class weights, computed for blocks of steps at once.
+
+    One vectorised `dynscope.losses.gamma` call per member and block replaces one call per
+    member and step, which would cost more than the ensemble's training step itself.
+    """
+
+    def __init__(self, ensemble: _Ensemble, block: int = 1024) -> None:
+        self.ensemble = ensemble
+        self.block = block
+        self.start = -1
+        self.values = np.empty((0, len(ensemble.runs), 0))
+        self.tensors = torch.empty(0)
+
+    def at(self, step: int) -> tuple[np.ndarray, Tensor]:
+        """Return the (K, C) weights at ``step`` as an array and as a tensor of the data."""
+        start = step - step % self.block
+        if start != self.start:
+            steps = np.arange(start, start + self.block)
+            self.values = np.stack([run.loss.gamma_at(steps) for run in self.ensemble.runs], axis=1)
+            like = self.ensemble.x_train
+            self.tensors = torch.as_tensor(self.values, dtype=like.dtype, device=like.device)
+            self.start = start
+        return self.values[step - start], self.tensors[step - start]
 
 
 def _batches(ensemble: _Ensemble, step: int) -> tuple[Tensor, Tensor]:
@@ -340,7 +577,7 @@ def _finite_gradients(gradients: dict[str, Tensor]) -> Tensor:
 
 
 def _record_member_step(
-    ensemble: _Ensemble, k: int, step: int, row: list[float], gamma: Tensor
+    ensemble: _Ensemble, k: int, step: int, row: list[float], gamma: np.ndarray
 ) -> bool:
     """Append member k's row, probe and snapshot; return False when its loss is not finite."""
     config = ensemble.config
@@ -359,7 +596,7 @@ def _record_member_step(
         val_accuracy=values["val_accuracy"],
         grad_norm=values["grad_norm"],
         lr=config.lr,
-        gamma=ensemble.runs[k].loss.gamma_at(step),
+        gamma=gamma,
         **extra,
     )
 
