@@ -1,13 +1,14 @@
-"""Train runs that differ only by seed together in one process, with `torch.func.vmap`.
+"""Train runs that differ only by seed together in one process.
 
 An ensemble is K copies of one record config with seeds s_1..s_K. Their parameters are stacked
-along a leading member axis, and one step of every member is one vmapped call of
-``torch.func.grad_and_value`` over ``torch.func.functional_call``. The K small networks thus
-share each kernel launch instead of paying K times the Python and dispatch overhead of a run.
-Each member writes its own record through `dynscope.store`, with the same rows, probes,
-snapshots, flushes and attributes as ``dynscope.recorder.record(config.replace(seed=s))``; the
-records agree to float rounding (vmap batches the matrix products, which may change the order of
-the sums).
+along a leading member axis, and one step of every member is one batched forward and backward
+pass: each layer is a batched matrix product over the members (``torch.bmm``), and the backward
+pass starts from the closed-form gradient of the loss in the outputs, so no autograd graph is
+built. The same step written as ``torch.func.vmap`` over ``torch.func.grad_and_value`` is kept
+as the reference that the tests compare against. Each member writes its own record through
+`dynscope.store`, with the same rows, probes, snapshots, flushes and attributes as
+``dynscope.recorder.record(config.replace(seed=s))``; the records agree to float rounding (the
+batched products may sum in another order).
 
 Data and seeds: every member trains on the data set its own seed gives, exactly like a single
 run, so that its record and its stored config describe the same run. The K data sets are
@@ -19,11 +20,11 @@ mini-batches also follow each member's seed.
 Curvature probes loop over the members: the parameters of member k are copied into a model and
 probed as in a single run, so probes cost as much as in K single runs.
 
-Speed: the gain is the per-step overhead of K - 1 runs, so it shrinks as the arithmetic grows.
-For the default spiral network (width 100, 300 points, float64) one vmapped step of 16 members
-costs about 5 times one single-run step (measured on a shared 2-core CPU), so the ensemble is
-only a few times faster than 16 sequential runs (see benchmarks/sweep.py). Small networks gain
-the most.
+Speed: the gain is the per-step cost of K - 1 runs (Python, dispatch, the loss schedule), so
+it shrinks as the arithmetic grows. For the default spiral network (width 100, 300 points,
+float64) a step of 16 members passes over several (16, 300, 100) tensors of 3.8 MB each and
+runs at memory speed, so 16 members cost about 4 single-run steps; docs/benchmarks.md has the
+measured ratios. Small networks gain the most.
 
 Limits: every member must have parameters of the same shape, so only the seed may differ; a
 member that diverges stops recording (status "diverged") while the others go on; an ensemble
@@ -245,8 +246,8 @@ def _mlp_step_function(
     static_name = ensemble.runs[0].static_loss.name
     full_batch = ensemble.config.optimizer == "gd"
 
-    # Reused (K, N, width) buffers: a fresh allocation of that size is returned to the system
-    # when freed, so each new one costs page faults, which dominate a step of small networks.
+    # Reused (K, N, width) buffers. glibc serves allocations of this size with mmap and unmaps
+    # them when freed, so each fresh one costs page faults, measured to dominate small steps.
     workspace: dict[tuple[str, int, tuple[int, ...]], Tensor] = {}
 
     def buffer(role: str, layer: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -310,7 +311,7 @@ def _mlp_step_function(
     def members_step(
         params: dict[str, Tensor], data: dict[str, Tensor], gamma: Tensor
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """Run one step of every member; ``data`` holds the inputs by name."""
+        """Run one step of every member; ``data`` contains the inputs by name."""
         gates: list[Tensor] = []
         batch_outputs, layer_inputs = forward(
             params, data["x_batch"], data["x_batch_extended"], "batch", gates

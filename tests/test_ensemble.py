@@ -1,4 +1,4 @@
-"""Tests of the vmapped ensemble: each member's record against a single run with its seed."""
+"""Tests of the ensemble: each member's record against a single run with its seed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dynscope import store
 from dynscope.config import RecordConfig
@@ -47,8 +48,11 @@ def _assert_records_match(single: Path, member: Path) -> None:
         {},
         {"loss": "dmse2", "class_order": "random"},
         {"optimizer": "sgd", "batch_size": 16, "momentum": 0.5, "loss": "mse"},
+        {"activation": "tanh", "depth": 2, "loss": "dmse1", "lr": 0.05},
+        {"activation": "gelu", "depth": 0, "loss": "ce"},
+        {"depth": 3},
     ],
-    ids=["dce-gd", "dmse2-random-order", "sgd-momentum"],
+    ids=["dce-gd", "dmse2-random-order", "sgd-momentum", "tanh-depth2", "linear", "relu-depth3"],
 )
 def test_ensemble_member_equals_single_run(tmp_path: Path, changes: dict) -> None:
     config = TINY.replace(**changes)
@@ -102,3 +106,50 @@ def test_ensemble_rejects_existing_output(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exists"):
         record_ensemble(TINY, (0, 1), tmp_path, quiet=True)
     assert not (tmp_path / "seed-0.nc").exists()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"loss": "dmse2", "activation": "softplus", "depth": 2},
+        {"loss": "mse", "optimizer": "sgd", "batch_size": 8},
+    ],
+    ids=["relu-dce", "softplus-dmse2", "sgd-mse"],
+)
+def test_batched_mlp_step_equals_vmapped_autograd(tmp_path: Path, changes: dict) -> None:
+    from dynscope import ensemble as ensemble_module
+
+    config = TINY.replace(**changes)
+    members = [config.replace(seed=seed).validate() for seed in SEEDS]
+    paths = [tmp_path / f"{seed}.nc" for seed in SEEDS]
+    built = ensemble_module._build_ensemble(members, paths, force=False)
+    try:
+        gamma = ensemble_module._GammaBlocks(built).at(7)[1]
+        x_batch, y_batch = ensemble_module._batches(built, 7)
+        arguments = (
+            built.params,
+            built.x_train,
+            built.y_train,
+            built.x_val,
+            built.y_val,
+            gamma,
+            x_batch,
+            y_batch,
+        )
+        batched = ensemble_module._mlp_step_function(built)
+        assert batched is not None
+
+        gradients, metrics = batched(*arguments)
+
+        expected_gradients, expected_metrics = ensemble_module._member_step_function(built)(
+            *arguments
+        )
+        torch.testing.assert_close(
+            metrics, expected_metrics, rtol=1e-12, atol=1e-12, equal_nan=True
+        )
+        for name, expected in expected_gradients.items():
+            torch.testing.assert_close(gradients[name], expected, rtol=1e-10, atol=1e-12)
+    finally:
+        for writer in built.writers:
+            writer.close("interrupted")
