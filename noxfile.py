@@ -68,6 +68,8 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Run the benchmarks, which print medians and ratios against named baselines."""
     install(session, "test")
-    session.install("jax[cpu]")
-    for script in ("benchmarks/hessian.py", "benchmarks/store.py", "benchmarks/training.py"):
-        session.run("python", script, *session.posargs)
+    # The comparison libraries; torch is already pinned, so none of them pulls another build.
+    session.install("jax[cpu]", "pyhessian", "hessian-eigenthings")
+    scripts = ("hessian.py", "store.py", "training.py", "sweep.py")
+    for script in scripts:
+        session.run("python", f"benchmarks/{script}", *session.posargs)

@@ -2,22 +2,24 @@
 
 Baselines and ratios printed (medians of --repeats runs, torch limited to one thread per
 process so that the comparisons do not depend on intra-op threading):
-- ensemble: `record_ensemble` of 16 seeds against 16 sequential `record` calls (spiral, width
-  100, probes off; target: at least 5x faster);
+- ensemble: `record_ensemble` of 16 seeds against 16 sequential `record` calls (spiral, widths
+  16 and 100, probes off; target: at least 5x faster);
 - workers: `run_sweep` of a CPU-bound grid on 2 worker processes against 1 (target: at least
   1.6x faster). The clusters are started and their workers have imported dynscope before the
   clock starts, so the ratio measures the runs, not the start-up.
 
-Usage: python benchmarks/sweep.py [--steps 500] [--grid-steps 1500] [--repeats 3]
+Usage: python benchmarks/sweep.py [--steps 500] [--widths 16,100] [--grid-steps 1500] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -85,22 +87,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="Steps of each ensemble run.")
     parser.add_argument("--grid-steps", type=int, default=1500, help="Steps of each grid run.")
     parser.add_argument("--repeats", type=int, default=3, help="Repeats per measurement.")
+    parser.add_argument("--widths", default="16,100", help="Comma-separated ensemble widths.")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, load average at start: {os.getloadavg()[0]:.2f}")
 
-    config = RecordConfig(steps=args.steps, width=100, hessian_every=0)
-    time_ensemble(config.replace(steps=2))  # imports and first-call set-up of torch.func
-    sequential = median_seconds(lambda: time_sequential(config), args.repeats)
-    ensemble = median_seconds(lambda: time_ensemble(config), args.repeats)
-    print(f"16 sequential runs ({args.steps} steps, width 100): {sequential:.2f} s")
-    print(f"ensemble of 16 seeds:                       {ensemble:.2f} s")
-    print(f"ensemble speed-up: {sequential / ensemble:.2f}x (target >= 5)")
+    for width in (int(value) for value in args.widths.split(",")):
+        config = RecordConfig(steps=args.steps, width=width, hessian_every=0)
+        time_ensemble(config.replace(steps=2))  # imports and first-call set-up
+        sequential = median_seconds(partial(time_sequential, config), args.repeats)
+        ensemble = median_seconds(partial(time_ensemble, config), args.repeats)
+        print(f"width {width}: 16 sequential runs of {args.steps} steps: {sequential:.2f} s")
+        print(f"width {width}: ensemble of 16 seeds: {ensemble:.2f} s")
+        print(f"width {width}: ensemble speed-up {sequential / ensemble:.2f}x (target >= 5)")
 
     one = time_grid(args.grid_steps, 1, args.repeats)
     two = time_grid(args.grid_steps, 2, args.repeats)
     print(f"grid of 4 runs ({args.grid_steps} steps) on 1 worker:  {one:.2f} s")
     print(f"grid of 4 runs ({args.grid_steps} steps) on 2 workers: {two:.2f} s")
     print(f"worker speed-up: {one / two:.2f}x (target >= 1.6)")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
