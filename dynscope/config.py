@@ -223,8 +223,25 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"invalid TOML in {path}: {error}") from None
     if "record" in document and isinstance(document["record"], dict):
-        return dict(document["record"])
-    return document
+        stray = [key for key, value in document.items() if not isinstance(value, dict)]
+        if stray:
+            raise ValueError(
+                f"option {stray[0]!r} in {path} is outside the [record] table, where it "
+                "would be ignored; move it into [record]"
+            )
+        options = dict(document["record"])
+    else:
+        options = document
+    spellings: dict[str, str] = {}
+    for key in options:
+        canonical = key.replace("-", "_")
+        if canonical in spellings:
+            raise ValueError(
+                f"option {canonical.replace('_', '-')!r} is given twice in {path} (as "
+                f"{spellings[canonical]!r} and {key!r}); keep one of them"
+            )
+        spellings[canonical] = key
+    return options
 
 
 def _coerce(name: str, value: Any) -> Any:

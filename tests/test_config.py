@@ -125,3 +125,26 @@ def test_ignored_options_listed() -> None:
 
 def test_defaults_ignore_nothing() -> None:
     assert RecordConfig().ignored_options() == []
+
+
+def test_load_toml_rejects_two_spellings(tmp_path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("static-tail = 10\nstatic_tail = 20\n")
+
+    with pytest.raises(ValueError, match="'static-tail' is given twice"):
+        load_toml(path)
+
+
+def test_load_toml_rejects_key_beside_record_table(tmp_path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("steps = 10\n[record]\nlr = 0.5\n")
+
+    with pytest.raises(ValueError, match="'steps' .* outside the \\[record\\] table"):
+        load_toml(path)
+
+
+def test_load_toml_accepts_study_file(tmp_path) -> None:
+    path = tmp_path / "study.toml"
+    path.write_text("[record]\nlr = 0.5\n[sweep]\nseed = [0, 1]\n")
+
+    assert load_toml(path) == {"lr": 0.5}
