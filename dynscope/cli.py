@@ -97,7 +97,36 @@ def _record_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
-@click.group()
+class _OneLineErrors(click.Group):
+    """A command group whose usage errors print one line instead of Click's three."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the command line, printing usage errors as ``COMMAND: message (see --help)``."""
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.UsageError as error:
+            if error.ctx is not None and type(error).__name__ == "NoArgsIsHelpError":
+                click.echo(error.ctx.get_help())  # a bare group prints its help
+                sys.exit(error.exit_code)
+            command = error.ctx.command_path if error.ctx is not None else "dynscope"
+            message = error.format_message().rstrip()
+            ending = "" if message.endswith((".", "?")) else "."
+            click.echo(f"{command}: {message}{ending} See {command} --help.", err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        # Without standalone mode, Click returns the code of ctx.exit (for example after --help).
+        if isinstance(result, int):
+            sys.exit(result)
+        return result
+
+
+@click.group(cls=_OneLineErrors)
 @click.version_option(__version__, prog_name="dynscope")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress messages to stderr.")
 def main(verbose: bool) -> None:

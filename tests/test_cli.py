@@ -38,6 +38,24 @@ def test_version_prints_package_version() -> None:
 
 
 @pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["record", "--no-such-flag"], "dynscope record: No such option '--no-such-flag'"),
+        (["record", "--lr", "abc"], "dynscope record: Invalid value for '--lr'"),
+        (["info"], "dynscope info: Missing argument 'RECORD'"),
+        (["nosuch"], "dynscope: No such command 'nosuch'"),
+    ],
+)
+def test_usage_error_prints_one_line(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, args, prog_name="dynscope")
+
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith(message)
+    assert result.output.rstrip().endswith("--help.")
+
+
+@pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--lr", "-1"], "invalid lr -1.0"),
