@@ -7,6 +7,7 @@ runs does not accumulate open figures. This module imports no other dynscope mod
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import matplotlib
@@ -324,7 +325,15 @@ def plot_phase_diagram(
 def _save(figure: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     figure.tight_layout()
-    figure.savefig(path, dpi=150)
-    plt.close(figure)
+    # Through a temporary name, so that a failed write never leaves a truncated figure.
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        figure.savefig(partial, dpi=150, format=path.suffix.lstrip(".") or "png")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
     logger.debug("wrote %s", path)
     return path

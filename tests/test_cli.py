@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 from click.testing import CliRunner
 
 from dynscope import __version__, open_record
@@ -246,3 +247,25 @@ def test_write_failure_exits_with_one(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("Error: ")
     assert open_record(output).sizes["step"] > 0
+
+
+def test_analyze_write_failure_leaves_no_truncated_file(tmp_path: Path, small_record: Path) -> None:
+    out_dir = tmp_path / "analysis"
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+        "from dynscope.cli import main\n"
+        "sys.argv = ['dynscope'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "analyze", str(small_record), "-o", str(out_dir)],
+        capture_output=True, text=True, timeout=300, env={**os.environ},
+    )  # fmt: skip
+
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: cannot write the analysis")
+    assert not list(out_dir.glob(".*.partial"))
+    for netcdf in out_dir.glob("*.nc"):
+        open_record(netcdf) if netcdf.name == "run.nc" else xr.open_dataset(netcdf).close()

@@ -17,7 +17,8 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -152,13 +153,13 @@ def analyze_record(
 
     analysis = xr.merge(parts, join="outer", combine_attrs="drop_conflicts")
     analysis.attrs = {"source": source, "observable": observable, "window": window}
-    analysis.to_netcdf(out_dir / "analysis.nc")
+    _write_atomically(out_dir / "analysis.nc", analysis.to_netcdf)
     summary["files"] = _draw_record_figures(dataset, out_dir, steps, series, probes)
     summary["files"].insert(0, "analysis.nc")
     summary["files"].insert(0, "summary.json")
 
     summary = _json_ready(summary)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_text_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     logger.info("analysed %s into %s", source, out_dir)
     return summary
 
@@ -224,7 +225,7 @@ def analyze_runs(
     )
     for run, period in zip(runs, _periods_in_input_order(runs, diagram), strict=True):
         run["final_period"] = period
-    diagram.to_netcdf(out_dir / "runs.nc")
+    _write_atomically(out_dir / "runs.nc", diagram.to_netcdf)
     plots.plot_bifurcation_across_runs(
         out_dir / "bifurcation_runs.png",
         diagram[control].values,
@@ -247,7 +248,7 @@ def analyze_runs(
     sweep = _analyze_sweep(records, out_dir)
     summary["files"].extend(sweep.pop("files"))
     summary["sweep"] = _json_ready(sweep)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_text_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -255,7 +256,7 @@ def _analyze_sweep(records: Sequence[str | Path | xr.Dataset], out_dir: Path) ->
     """Write the sweep table and the figures that fit its swept options; return the summary."""
     table = sweep_table(records)
     statistics = seed_statistics(table)
-    xr.merge([table, statistics]).to_netcdf(out_dir / "sweep.nc")
+    _write_atomically(out_dir / "sweep.nc", xr.merge([table, statistics]).to_netcdf)
     options = list(json.loads(table.attrs["sweep_dims"]))
     files = ["sweep.nc"]
 
@@ -268,7 +269,7 @@ def _analyze_sweep(records: Sequence[str | Path | xr.Dataset], out_dir: Path) ->
         curves = xr.merge(
             [mean_curves(records, name) for name in ("loss", "static_loss", "lambda_max")]
         )
-        curves.to_netcdf(out_dir / "curves.nc")
+        _write_atomically(out_dir / "curves.nc", curves.to_netcdf)
         files.extend(["curves.nc", _draw_mean_curves(curves, out_dir)])
 
     points = []
@@ -740,3 +741,23 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Write a file through a temporary name and rename it into place.
+
+    A write that fails (a full disk, an interrupt) then leaves the previous file or none, never
+    a truncated one.
+    """
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    """Write a text file as `_write_atomically` does."""
+    _write_atomically(path, lambda partial: partial.write_text(text))
