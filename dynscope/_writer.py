@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -595,7 +596,9 @@ def _attribute_value(key: str, value: Any) -> str | int | float:
     )
 
 
+@functools.cache
 def _versions() -> dict[str, str]:
+    """Return the versions of Python and the packages a record depends on (read once)."""
     versions = {"python_version": platform.python_version()}
     for package in ("dynscope", "torch", "numpy", "netCDF4", "xarray"):
         try:
