@@ -243,7 +243,6 @@ def _mlp_step_function(
     weight_names = ensemble.names[0::2]
     bias_names = ensemble.names[1::2]
     loss_name = ensemble.runs[0].loss.name
-    static_name = ensemble.runs[0].static_loss.name
     full_batch = ensemble.config.optimizer == "gd"
 
     # Reused (K, N, width) buffers. glibc serves allocations of this size with mmap and unmaps
@@ -316,9 +315,8 @@ def _mlp_step_function(
         batch_outputs, layer_inputs = forward(
             params, data["x_batch"], data["x_batch_extended"], "batch", gates
         )
-        softmax_cache: dict[int, Tensor] = {}
-        objective_value, error = _stacked_loss(
-            loss_name, batch_outputs, data["y_batch"], gamma, True, softmax_cache
+        objective_value, error, static_batch = _stacked_loss(
+            loss_name, batch_outputs, data["y_batch"], gamma, True
         )
         assert error is not None
         gradients: dict[str, Tensor] = {}
@@ -345,12 +343,12 @@ def _mlp_step_function(
         if full_batch:
             outputs = batch_outputs
             loss = objective_value
+            static = static_batch
             minibatch_loss = torch.full_like(loss, math.nan)
         else:
             outputs = forward(params, data["x"], data["x_extended"], "train")[0]
-            loss = _stacked_loss(loss_name, outputs, y, gamma, False, softmax_cache)[0]
+            loss, _, static = _stacked_loss(loss_name, outputs, y, gamma, False)
             minibatch_loss = objective_value
-        static = _stacked_loss(static_name, outputs, y, gamma, False, softmax_cache)[0]
         train_accuracy = (outputs.argmax(dim=2) == y).double().mean(dim=1)
         val_outputs = forward(params, data["x_val"], data["x_val_extended"], "validation")[0]
         val_accuracy = (val_outputs.argmax(dim=2) == data["y_val"]).double().mean(dim=1)
@@ -391,51 +389,45 @@ def _mlp_step_function(
 
 
 def _stacked_loss(
-    name: str,
-    outputs: Tensor,
-    targets: Tensor,
-    gamma: Tensor,
-    with_gradient: bool,
-    softmax_cache: dict[int, Tensor] | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Return each member's loss (K,) and, on request, its gradient in the outputs (K, N, C).
+    name: str, outputs: Tensor, targets: Tensor, gamma: Tensor, with_gradient: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Return each member's loss (K,), on request its gradient, and the static loss (K,).
 
     The formulas are those of `dynscope.losses.weighted_loss` with a leading member axis;
-    ``gamma`` is (K, C). The gradient includes the 1/N of the mean. ``softmax_cache`` keeps the
-    log-probabilities of each outputs tensor, for a dynamical and a static loss of the same
-    outputs.
+    ``gamma`` is (K, C). The gradient in the outputs (K, N, C) includes the 1/N of the mean. The
+    static loss (CE for the cross-entropy family, MSE otherwise) reuses the loss's terms.
     """
-    count = outputs.shape[1]
     classes = torch.arange(outputs.shape[2], device=outputs.device)
     one_hot = (targets[:, :, None] == classes).to(outputs.dtype)
     sample_weight = gamma.gather(1, targets) if name in ("dce", "dmse1") else None
+    difference = None
     if name in ("ce", "dce"):
-        cached = softmax_cache.get(id(outputs)) if softmax_cache is not None else None
-        log_probabilities = torch.log_softmax(outputs, dim=2) if cached is None else cached
-        if softmax_cache is not None:
-            softmax_cache[id(outputs)] = log_probabilities
+        log_probabilities = torch.log_softmax(outputs, dim=2)
         per_sample = -log_probabilities.gather(2, targets[:, :, None])[:, :, 0]
-        difference = torch.exp(log_probabilities) - one_hot if with_gradient else None
+        static_per_sample = per_sample
+        if with_gradient:
+            difference = torch.exp(log_probabilities) - one_hot
     else:
         residual = outputs - one_hot
         squared = residual * residual
+        static_per_sample = squared.sum(dim=2)
         if name == "dmse2":
             per_sample = (squared * gamma[:, None, :]).sum(dim=2)
         else:
-            per_sample = squared.sum(dim=2)
-        difference = None
+            per_sample = static_per_sample
         if with_gradient:
             difference = 2.0 * residual
             if name == "dmse2":
                 difference = difference * gamma[:, None, :]
+    static = static_per_sample.mean(dim=1)
     if sample_weight is not None:
         per_sample = sample_weight * per_sample
     value = per_sample.mean(dim=1)
     if difference is None:
-        return value, None
+        return value, None, static
     if sample_weight is not None:
         difference = difference * sample_weight[:, :, None]
-    return value, difference / count
+    return value, difference / outputs.shape[1], static
 
 
 def _weighted_loss(name: str, outputs: Tensor, targets: Tensor, gamma: Tensor) -> Tensor:
