@@ -17,10 +17,13 @@ taken between medians measured in the same invocation. Methods:
 - ``jax``: ``jax.jit(jax.hessian(loss))`` when JAX is importable (skipped otherwise; the time
   excludes compilation).
 
-Then the top eigenvalue by Lanczos (`dynscope.curvature.top_eigenvalues`, residual tolerance
-1e-6 relative to the eigenvalue) against plain power iteration on the same Hessian-vector products
-stopped when the eigenvalue changes by less than 1e-6 relative (the stopping rule of PyHessian),
-with the error of each against ``eigvalsh`` of the dense Hessian.
+Then the top eigenvalue at tolerance 1e-6, each method building its own operator, with medians
+over rounds that run the methods in turn and the error of each against ``eigvalsh`` of the dense
+Hessian: Lanczos (`dynscope.curvature.top_eigenvalues`, residual at most 1e-6 times the
+eigenvalue); power iteration on the same products, stopped when the eigenvalue changes by less
+than 1e-6 relative; PyHessian's power iteration (same stopping rule, autograd products); and
+hessian-eigenthings' Lanczos with the fewest steps at which it reports convergence. PyHessian and
+hessian-eigenthings are skipped when not installed (``nox -s bench`` installs them).
 """
 
 from __future__ import annotations
@@ -249,7 +252,7 @@ def criterion(case: Case) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def run_dynscope_lanczos(case: Case, tol: float) -> tuple[float, int]:
-    """Top eigenvalue by `dynscope.curvature.top_eigenvalues`, building its product map."""
+    """Find the top eigenvalue with `dynscope.curvature.top_eigenvalues` (product map included)."""
     result = curvature.top_eigenvalues(
         case.model, case.loss, case.inputs, case.targets, case.step, k=1, tol=tol
     )
@@ -257,7 +260,7 @@ def run_dynscope_lanczos(case: Case, tol: float) -> tuple[float, int]:
 
 
 def run_dynscope_power(case: Case, tol: float) -> tuple[float, int]:
-    """Top eigenvalue by power iteration on the same products as `run_dynscope_lanczos`."""
+    """Find the top eigenvalue by power iteration on the products of `run_dynscope_lanczos`."""
     product = curvature.hessian_vector_product(
         case.model, case.loss, case.inputs, case.targets, case.step
     )
@@ -267,7 +270,7 @@ def run_dynscope_power(case: Case, tol: float) -> tuple[float, int]:
 
 
 def run_pyhessian(case: Case, tol: float) -> tuple[float, int]:
-    """Top eigenvalue by PyHessian's power iteration (its own stopping rule at ``tol``)."""
+    """Find the top eigenvalue by PyHessian's power iteration (its stopping rule at ``tol``)."""
     import pyhessian
 
     count = 0
@@ -318,7 +321,7 @@ def eigenthings_steps(case: Case, tol: float) -> int:
 
 
 def run_eigenthings(case: Case, tol: float, steps: int) -> tuple[float, int, bool]:
-    """Top eigenvalue by hessian-eigenthings' Lanczos with ``steps`` steps (autograd products)."""
+    """Find the top eigenvalue by hessian-eigenthings' Lanczos, ``steps`` steps (autograd)."""
     import hessian_eigenthings as eigenthings
 
     inputs = case.inputs.to(case.model.linears[0].weight.dtype)
