@@ -456,7 +456,7 @@ def mlp_hessian_vector_product(
         size = sum(count + units for _, count, units in shapes)
 
     def product(vector: Tensor) -> Tensor:
-        # In-place and out= products keep fresh (N, width) allocations, which page-fault, few.
+        # In-place and out= operations keep fresh (N, width) allocations few: each one page-faults.
         with torch.no_grad():
             result = torch.empty(size, dtype=vector.dtype, device=vector.device)
             directions = []

@@ -234,7 +234,7 @@ def hessian_vector_product(
     backward pass of directional derivatives written as matrix products (the R-operator), with
     the forward quantities computed once when the map is built. Otherwise each product is one
     forward-over-reverse pass (``torch.func.jvp`` of ``torch.func.grad``), about the cost of
-    three gradient evaluations. The map holds copies of what it needs, so later training steps
+    three gradient evaluations. The map keeps copies of what it needs, so later training steps
     do not change it.
 
     Parameters

@@ -249,7 +249,7 @@ def test_write_failure_exits_with_one(tmp_path: Path) -> None:
     assert open_record(output).sizes["step"] > 0
 
 
-def test_analyze_write_failure_leaves_no_truncated_file(tmp_path: Path, small_record: Path) -> None:
+def test_analyze_write_failure_leaves_no_partial(tmp_path: Path, small_record: Path) -> None:
     out_dir = tmp_path / "analysis"
     script = (
         "import resource, signal, sys\n"

@@ -410,7 +410,7 @@ def test_hessian_vector_product_matches_dense():
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
 @pytest.mark.parametrize(("activation", "depth"), FAST_PATH_CASES)
-def test_mlp_hessian_vector_product_float64_matches_reference(name, activation, depth):
+def test_mlp_product_float64_matches_reference(name, activation, depth):
     model = models.build_mlp(2, 3, width=5, depth=depth, activation=activation, seed=6)
     inputs, targets = make_batch(features=2)
     loss_fn = make_loss(name)
@@ -427,7 +427,7 @@ def test_mlp_hessian_vector_product_float64_matches_reference(name, activation, 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
 @pytest.mark.parametrize(("activation", "depth"), FAST_PATH_CASES)
-def test_mlp_hessian_vector_product_float32_matches_reference(name, activation, depth):
+def test_mlp_product_float32_matches_reference(name, activation, depth):
     model = models.build_mlp(2, 3, width=5, depth=depth, activation=activation, seed=7)
     model32 = models.build_mlp(
         2, 3, width=5, depth=depth, activation=activation, seed=7, dtype=torch.float32
@@ -446,12 +446,12 @@ def test_mlp_hessian_vector_product_float32_matches_reference(name, activation, 
     assert relative_error(actual, reference @ vector) < 1e-5
 
 
-def test_mlp_hessian_vector_product_skips_torch_func(monkeypatch):
-    def refuse(*args, **kwargs):
+def test_mlp_product_skips_torch_func(monkeypatch):
+    def reject(*args, **kwargs):
         raise AssertionError("the MLP product must not call torch.func")
 
-    monkeypatch.setattr(torch.func, "jvp", refuse)
-    monkeypatch.setattr(torch.func, "grad", refuse)
+    monkeypatch.setattr(torch.func, "jvp", reject)
+    monkeypatch.setattr(torch.func, "grad", reject)
     model = models.build_mlp(2, 3, width=4, depth=1, activation="relu", seed=8)
     inputs, targets = make_batch(features=2)
     product = curvature.hessian_vector_product(model, make_loss("ce"), inputs, targets)
@@ -459,7 +459,7 @@ def test_mlp_hessian_vector_product_skips_torch_func(monkeypatch):
     assert product(torch.ones(27, dtype=torch.float64)).shape == (27,)
 
 
-def test_hessian_vector_product_ignores_later_training_steps():
+def test_product_ignores_later_training_steps():
     model = models.build_mlp(2, 3, width=4, depth=1, activation="tanh", seed=9)
     inputs, targets = make_batch(features=2)
     loss_fn = make_loss("dmse1")
