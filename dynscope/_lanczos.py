@@ -156,6 +156,7 @@ def lanczos(
     basis[0] = vector / norm
 
     converged = False
+    restarted = False
     count = 0
     previous_beta = 0.0
     for index in range(limit):
@@ -171,8 +172,15 @@ def lanczos(
         for _ in range(2):
             residual -= active.T @ (active @ residual)
         beta = float(residual.norm())
+        scale = float(np.abs(np.diagonal(tridiagonal)[:count]).max())
+        invariant = beta <= 1e-12 * max(scale, np.finfo(np.float64).tiny)
 
-        if count >= k:
+        # An invariant subspace (beta = 0) has exact Ritz pairs, but a repeated eigenvalue shows
+        # up only once in it. After one, the iteration runs on to the basis limit, restarting
+        # in fresh directions, so that the copies are found.
+        # NOTE: a repeated eigenvalue whose Ritz value converges before the space becomes
+        # invariant is still returned once; finding every copy then needs block Lanczos.
+        if count >= k and not invariant and not restarted:
             values, _, bounds = _ritz(tridiagonal[:count, :count], beta, k)
             scale = max(float(np.abs(values).max()), np.finfo(np.float64).tiny)
             if bool(np.all(bounds <= tol * scale)):
@@ -180,13 +188,12 @@ def lanczos(
                 break
         if count == limit:
             break
-        scale = float(np.abs(np.diagonal(tridiagonal)[:count]).max())
-        if beta <= 1e-12 * max(scale, np.finfo(np.float64).tiny):
-            # The basis spans an invariant subspace: continue from a fresh orthogonal direction.
+        if invariant:
             residual = torch.randn(size, generator=generator, dtype=torch.float64)
             for _ in range(2):
                 residual -= active.T @ (active @ residual)
             previous_beta = 0.0
+            restarted = True
             basis[count] = residual / residual.norm()
             continue
         tridiagonal[count, index] = tridiagonal[index, count] = beta
@@ -195,6 +202,10 @@ def lanczos(
 
     if count == size:
         converged = True
+    elif restarted and count >= k:
+        values, _, bounds = _ritz(tridiagonal[:count, :count], beta, k)
+        scale = max(float(np.abs(values).max()), np.finfo(np.float64).tiny)
+        converged = bool(np.all(bounds <= tol * scale))
     values, vectors, _ = _ritz(tridiagonal[:count, :count], 0.0, k)
     coefficients = torch.from_numpy(np.ascontiguousarray(vectors.T))  # (k, m)
     ritz_vectors = coefficients @ basis[:count]

@@ -261,16 +261,31 @@ def hessian_vector_product(
             targets.to(device=device),
             step,
         )
-        return lambda vector: structured(vector.to(dtype=dtype, device=device))
+        size = sum(linear.weight.numel() + linear.bias.numel() for linear in linears)
+
+        def structured_product(vector: Tensor) -> Tensor:
+            _check_vector(vector, size)
+            return structured(vector.to(dtype=dtype, device=device))
+
+        return structured_product
 
     loss_of_flat, flat = _functional.flat_loss(model, loss_fn, inputs, targets, step)
     gradient = torch.func.grad(loss_of_flat)
 
     def product(vector: Tensor) -> Tensor:
+        _check_vector(vector, flat.numel())
         tangent = vector.to(dtype=flat.dtype, device=flat.device)
         return torch.func.jvp(gradient, (flat,), (tangent,))[1].detach()
 
     return product
+
+
+def _check_vector(vector: Tensor, size: int) -> None:
+    if vector.shape != (size,):
+        raise ValueError(
+            f"invalid vector shape {tuple(vector.shape)}: expected ({size},), one entry per "
+            "parameter in model.parameters() order"
+        )
 
 
 def top_eigenvalues(

@@ -148,6 +148,8 @@ def _output_paths(outputs: str | Path | Sequence[str | Path], seeds: list[int]) 
 
 def _build_ensemble(members: list[RecordConfig], paths: list[Path], force: bool) -> _Ensemble:
     runs = [recorder._build_run(member) for member in members]
+    for run in runs:
+        recorder._check_sizes(run)  # before any file is created, as in a single run
     template = runs[0].model
     names = [name for name, _ in template.named_parameters()]
     params = {}

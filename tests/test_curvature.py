@@ -488,3 +488,43 @@ def test_probe_topk_generic_module_estimates_trace():
     estimate = curvature.hessian_trace(model, loss_fn, inputs, targets, method="hutch++")
     assert result.trace == pytest.approx(estimate.value, rel=1e-12)
     assert abs(result.trace - np.trace(matrix)) < 4 * estimate.standard_error
+
+
+def test_lanczos_finds_repeated_top_eigenvalue():
+    # Few distinct eigenvalues, so the Krylov space becomes invariant after 4 steps, as for the
+    # Hessian of a linear model whose output blocks repeat.
+    rng = np.random.default_rng(3)
+    levels = np.array([-1.0, 2.0, 3.5])
+    eigenvalues = np.concatenate([[5.0, 5.0, 5.0], rng.choice(levels, size=197)])
+    rotation, _ = np.linalg.qr(rng.standard_normal((200, 200)))
+    matrix = (rotation * eigenvalues) @ rotation.T
+
+    result = curvature.lanczos(matrix_product(matrix), 200, 4, tol=1e-8)
+
+    np.testing.assert_allclose(result.eigenvalues[:3], [5.0, 5.0, 5.0], rtol=1e-8)
+    assert result.eigenvalues[3] == pytest.approx(levels.max(), rel=1e-8)
+
+
+def test_top_eigenvalues_linear_model_repeated():
+    model = models.build_mlp(2, 3, depth=0, seed=2)
+    inputs, targets = make_batch(count=40, features=2)
+    loss_fn = losses.MSE(3)
+
+    result = curvature.top_eigenvalues(model, loss_fn, inputs, targets, k=4)
+
+    expected = torch.linalg.eigvalsh(reference_hessian(model, loss_fn, inputs, targets)).flip(0)
+    np.testing.assert_allclose(result.eigenvalues, expected[:4].numpy(), rtol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(28,), (26,), (27, 1)])
+@pytest.mark.parametrize("generic", [False, True])
+def test_hessian_vector_product_rejects_wrong_shape(shape, generic):
+    model = models.build_mlp(2, 3, width=4, depth=1, seed=8)
+    loss_fn = make_loss("ce")
+    if generic:  # a plain callable takes the torch.func path
+        loss_fn = nn.CrossEntropyLoss()
+    inputs, targets = make_batch(features=2)
+    product = curvature.hessian_vector_product(model, loss_fn, inputs, targets)
+
+    with pytest.raises(ValueError, match=r"invalid vector shape .*expected \(27,\)"):
+        product(torch.ones(shape, dtype=torch.float64))

@@ -153,3 +153,18 @@ def test_batched_mlp_step_equals_vmapped_autograd(tmp_path: Path, changes: dict)
     finally:
         for writer in built.writers:
             writer.close("interrupted")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"optimizer": "sgd", "batch_size": 1000}, "invalid batch-size 1000"),
+        ({"spectrum": "topk", "topk": 500}, "invalid topk 500"),
+        ({"param_projection": 10000}, "invalid param-projection 10000"),
+    ],
+)
+def test_ensemble_checks_sizes_before_files(tmp_path: Path, changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        record_ensemble(TINY.replace(**changes), SEEDS, tmp_path, quiet=True)
+
+    assert list(tmp_path.iterdir()) == []
