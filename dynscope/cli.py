@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -109,8 +109,8 @@ class _OneLineErrors(click.Group):
             if error.ctx is not None and type(error).__name__ == "NoArgsIsHelpError":
                 click.echo(error.ctx.get_help())  # a bare group prints its help
                 sys.exit(error.exit_code)
-            command = error.ctx.command_path if error.ctx is not None else "dynscope"
-            message = error.format_message().rstrip()
+            command = self._failed_command(error, args[0] if args else kwargs.get("args"))
+            message = " ".join(error.format_message().split())
             ending = "" if message.endswith((".", "?")) else "."
             click.echo(f"{command}: {message}{ending} See {command} --help.", err=True)
             sys.exit(error.exit_code)
@@ -124,6 +124,23 @@ class _OneLineErrors(click.Group):
         if isinstance(result, int):
             sys.exit(result)
         return result
+
+    def _failed_command(self, error: click.UsageError, args: Sequence[str] | None) -> str:
+        """Return the command path to name in a usage error.
+
+        Click raises some parsing errors of a subcommand's options (a missing option value)
+        with the group's context, so the subcommand is then taken from the command line.
+        """
+        context = error.ctx
+        root = context.find_root().info_name if context is not None else None
+        root = root or "dynscope"
+        if context is not None and context.command is not self:
+            return context.command_path
+        words = list(sys.argv[1:] if args is None else args)
+        for word in words:
+            if word in self.commands:
+                return f"{root} {word}"
+        return root
 
 
 @click.group(cls=_OneLineErrors)
@@ -178,6 +195,8 @@ def record(
             raise ValueError("--resume and --force contradict each other; pass only one")
         if ensemble_size < 0:
             raise ValueError(f"invalid ensemble {ensemble_size}: use a number of seeds >= 1")
+        if not output.strip():
+            raise ValueError("invalid output '': give the path of the record file to write")
         if ensemble_size:
             return _record_ensemble(config, output, ensemble_size, force, resume, quiet)
 
@@ -219,6 +238,10 @@ def _record_ensemble(
     folder = Path(output)
     if not folder.parent.exists():
         raise ValueError(f"output folder not found: {folder.parent}; create it first")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(
+            f"output {folder} is a file; --ensemble writes one record per seed, so give a folder"
+        )
     folder.mkdir(exist_ok=True)
     seeds = range(config.seed, config.seed + size)
     results = record_ensemble(config, seeds, folder, force=force, quiet=quiet)
@@ -283,7 +306,13 @@ def analyze(records: tuple[str, ...], output: str, control: str | None, quiet: b
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"output {out_dir} is a file; give a folder for the analysis")
         paths = _expand_records(records)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ValueError(
+                f"cannot create the output folder {out_dir}: a file is in its path; "
+                "give another folder"
+            ) from None
         try:
             if len(paths) == 1 and control is None:
                 summary = report.analyze_record(paths[0], out_dir)

@@ -223,6 +223,17 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"invalid TOML in {path}: {error}") from None
     if "record" in document and isinstance(document["record"], dict):
+        tables = [key for key, value in document.items() if isinstance(value, dict)]
+        if "sweep" in tables:
+            raise ValueError(
+                f"{path} is a study file ([sweep] table); run it with dynscope sweep, or remove "
+                "[sweep] to record one run"
+            )
+        others = [key for key in tables if key != "record"]
+        if others:
+            raise ValueError(
+                f"unknown table [{others[0]}] in {path}; record options go in the [record] table"
+            )
         stray = [key for key, value in document.items() if not isinstance(value, dict)]
         if stray:
             raise ValueError(
@@ -247,6 +258,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     """Convert a value read from TOML or JSON to the field's type (ints given as floats, etc.)."""
     default = RecordConfig.__dataclass_fields__[name].default
+    if isinstance(value, bool) and not isinstance(default, bool):
+        kind = "a string" if isinstance(default, str) else "a number"
+        raise ValueError(f"invalid {name.replace('_', '-')} {value!r}: use {kind}")
     if isinstance(default, bool) or value is None:
         return value
     if isinstance(default, float) and isinstance(value, int):

@@ -192,6 +192,8 @@ def load_study(path: str | Path) -> Study:
         names the key or value.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"study file {path} is a folder; give a TOML file")
     try:
         with path.open("rb") as handle:
             document = tomllib.load(handle)

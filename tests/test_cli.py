@@ -45,6 +45,8 @@ def test_version_prints_package_version() -> None:
         (["record", "--lr", "abc"], "dynscope record: Invalid value for '--lr'"),
         (["info"], "dynscope info: Missing argument 'RECORD'"),
         (["nosuch"], "dynscope: No such command 'nosuch'"),
+        (["record", "-o"], "dynscope record: Option '-o' requires an argument"),
+        (["groundtruth"], "dynscope groundtruth: Missing argument"),
     ],
 )
 def test_usage_error_prints_one_line(args: list[str], message: str) -> None:

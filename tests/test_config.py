@@ -143,8 +143,23 @@ def test_load_toml_rejects_key_beside_record_table(tmp_path) -> None:
         load_toml(path)
 
 
-def test_load_toml_accepts_study_file(tmp_path) -> None:
+def test_load_toml_rejects_study_file(tmp_path) -> None:
     path = tmp_path / "study.toml"
     path.write_text("[record]\nlr = 0.5\n[sweep]\nseed = [0, 1]\n")
 
-    assert load_toml(path) == {"lr": 0.5}
+    with pytest.raises(ValueError, match="is a study file"):
+        load_toml(path)
+
+
+def test_load_toml_rejects_unknown_table(tmp_path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("[record]\nlr = 0.5\n[other]\nseed = 1\n")
+
+    with pytest.raises(ValueError, match=r"unknown table \[other\]"):
+        load_toml(path)
+
+
+@pytest.mark.parametrize(("name", "value"), [("lr", True), ("momentum", False), ("loss", True)])
+def test_from_dict_rejects_booleans(name: str, value: bool) -> None:
+    with pytest.raises(ValueError, match=f"invalid {name} {value}"):
+        RecordConfig.from_dict({name: value})
