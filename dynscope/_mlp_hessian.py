@@ -133,15 +133,10 @@ def activation_derivatives(activation: str, pre: Tensor) -> tuple[Tensor, Tensor
     raise ValueError(f"invalid activation {activation!r}: use one of relu, tanh, gelu, softplus")
 
 
-def forward_backward(
-    linears: list[nn.Linear],
-    activation: str,
-    loss_fn: losses.ClassificationLoss,
-    inputs: Tensor,
-    targets: Tensor,
-    step: int,
-) -> _Pass:
-    """Run the forward pass, then back-propagate the gradient e_l and the Hessian Q_l."""
+def _forward(
+    linears: list[nn.Linear], activation: str, inputs: Tensor
+) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], Tensor]:
+    """Return each layer's input a_l, each hidden layer's sigma' and sigma'', and the outputs."""
     layer_inputs = [inputs]
     first: list[Tensor] = []
     second: list[Tensor | None] = []
@@ -153,8 +148,19 @@ def forward_backward(
         second.append(curvature)
         hidden = models.ACTIVATIONS[activation](pre)
         layer_inputs.append(hidden)
-    outputs = hidden @ linears[-1].weight.T + linears[-1].bias
+    return layer_inputs, first, second, hidden @ linears[-1].weight.T + linears[-1].bias
 
+
+def forward_backward(
+    linears: list[nn.Linear],
+    activation: str,
+    loss_fn: losses.ClassificationLoss,
+    inputs: Tensor,
+    targets: Tensor,
+    step: int,
+) -> _Pass:
+    """Run the forward pass, then back-propagate the gradient e_l and the Hessian Q_l."""
+    layer_inputs, first, second, outputs = _forward(linears, activation, inputs)
     gradient, curvature_out = output_derivatives(loss_fn, outputs, targets, step)
     gradients = [gradient]
     hessians = [curvature_out]
@@ -430,18 +436,7 @@ def mlp_hessian_vector_product(
     out matrix products per layer and no autograd graph.
     """
     with torch.no_grad():
-        layer_inputs = [inputs]
-        first: list[Tensor] = []
-        second: list[Tensor | None] = []
-        hidden = inputs
-        for linear in linears[:-1]:
-            pre = hidden @ linear.weight.T + linear.bias
-            derivative, curvature = activation_derivatives(activation, pre)
-            first.append(derivative)
-            second.append(curvature)
-            hidden = models.ACTIVATIONS[activation](pre)
-            layer_inputs.append(hidden)
-        outputs = hidden @ linears[-1].weight.T + linears[-1].bias
+        layer_inputs, first, second, outputs = _forward(linears, activation, inputs)
         gradient, output_hessian = output_derivatives(loss_fn, outputs, targets, step)
         gradients = [gradient]
         # sigma''_{l-1} * (e_l W_l), the activation's curvature term, None where sigma'' is zero

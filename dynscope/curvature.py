@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ from dynscope._lanczos import (
 )
 
 logger = logging.getLogger(__name__)
+
+Result = TypeVar("Result")
 
 SPECTRA = ("full", "topk")
 TRACE_METHODS = ("auto", "exact", "hutchinson", "hutch++")
@@ -119,20 +122,9 @@ def hessian(
         The symmetric (P, P) Hessian in the parameters' dtype, parameters flattened in
         ``model.parameters()`` order.
     """
-    linears = _mlp_hessian.mlp_linears(model)
-    if linears is not None and _mlp_hessian.is_closed_form_loss(loss_fn):
-        assert isinstance(model, models.MLP)
-        assert isinstance(loss_fn, losses.ClassificationLoss)
-        dtype = linears[0].weight.dtype
-        device = linears[0].weight.device
-        return _mlp_hessian.mlp_hessian(
-            linears,
-            model.activation,
-            loss_fn,
-            inputs.to(dtype=dtype, device=device),
-            targets.to(device=device),
-            step,
-        )
+    result = _mlp_closed_form(_mlp_hessian.mlp_hessian, model, loss_fn, inputs, targets, step)
+    if result is not None:
+        return result
     return dense_hessian(model, loss_fn, inputs, targets, step)
 
 
@@ -247,25 +239,17 @@ def hessian_vector_product(
     Callable
         A function from a (P,) vector to the (P,) product in the parameters' dtype.
     """
-    linears = _mlp_hessian.mlp_linears(model)
-    if linears is not None and _mlp_hessian.is_closed_form_loss(loss_fn):
-        assert isinstance(model, models.MLP)
-        assert isinstance(loss_fn, losses.ClassificationLoss)
-        dtype = linears[0].weight.dtype
-        device = linears[0].weight.device
-        structured = _mlp_hessian.mlp_hessian_vector_product(
-            linears,
-            model.activation,
-            loss_fn,
-            inputs.to(dtype=dtype, device=device),
-            targets.to(device=device),
-            step,
-        )
-        size = sum(linear.weight.numel() + linear.bias.numel() for linear in linears)
+    structured = _mlp_closed_form(
+        _mlp_hessian.mlp_hessian_vector_product, model, loss_fn, inputs, targets, step
+    )
+    if structured is not None:
+        size = sum(parameter.numel() for parameter in model.parameters())
+        weight = next(model.parameters())
 
         def structured_product(vector: Tensor) -> Tensor:
             _check_vector(vector, size)
-            return structured(vector.to(dtype=dtype, device=device))
+            assert structured is not None
+            return structured(vector.to(dtype=weight.dtype, device=weight.device))
 
         return structured_product
 
@@ -355,22 +339,12 @@ def hessian_trace(
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"invalid method {method!r}: use one of {', '.join(TRACE_METHODS)}")
-    linears = _mlp_hessian.mlp_linears(model)
-    fast = linears is not None and _mlp_hessian.is_closed_form_loss(loss_fn)
+    fast = _mlp_hessian.mlp_linears(model) is not None and _mlp_hessian.is_closed_form_loss(loss_fn)
     if method == "exact" or (method == "auto" and fast):
-        if linears is not None and fast:
-            assert isinstance(model, models.MLP)
-            assert isinstance(loss_fn, losses.ClassificationLoss)
-            dtype = linears[0].weight.dtype
-            diagonal = _mlp_hessian.mlp_hessian_diagonal(
-                linears,
-                model.activation,
-                loss_fn,
-                inputs.to(dtype=dtype, device=linears[0].weight.device),
-                targets.to(device=linears[0].weight.device),
-                step,
-            )
-        else:
+        diagonal = _mlp_closed_form(
+            _mlp_hessian.mlp_hessian_diagonal, model, loss_fn, inputs, targets, step
+        )
+        if diagonal is None:
             diagonal = torch.diagonal(dense_hessian(model, loss_fn, inputs, targets, step))
         return TraceEstimate(float(diagonal.double().sum()), 0.0, 0, "exact")
 
@@ -418,6 +392,35 @@ def ntk_eigenvalues(model: nn.Module, inputs: Tensor, k: int) -> np.ndarray:
         )
     values = torch.linalg.eigvalsh(gram)
     return values.flip(0)[:k].double().cpu().numpy()
+
+
+def _mlp_closed_form(
+    builder: Callable[..., Result],
+    model: nn.Module,
+    loss_fn: LossFunction,
+    inputs: Tensor,
+    targets: Tensor,
+    step: int,
+) -> Result | None:
+    """Call a builder of `dynscope._mlp_hessian` for an MLP under a dynscope loss, else None.
+
+    The builder gets the MLP's layers, its activation, the loss, the inputs in the parameters'
+    dtype and device, the targets and the step.
+    """
+    linears = _mlp_hessian.mlp_linears(model)
+    if linears is None or not _mlp_hessian.is_closed_form_loss(loss_fn):
+        return None
+    assert isinstance(model, models.MLP)
+    assert isinstance(loss_fn, losses.ClassificationLoss)
+    weight = linears[0].weight
+    return builder(
+        linears,
+        model.activation,
+        loss_fn,
+        inputs.to(dtype=weight.dtype, device=weight.device),
+        targets.to(device=weight.device),
+        step,
+    )
 
 
 def _full_spectrum(matrix: Tensor, eigenvectors: int) -> Spectrum:
