@@ -388,15 +388,7 @@ def mlp_hessian_diagonal(
 def mlp_ntk(linears: list[nn.Linear], activation: str, inputs: Tensor) -> Tensor:
     """Return the empirical NTK Gram matrix (N C, N C), rows ordered (sample, output)."""
     with torch.no_grad():
-        layer_inputs = [inputs]
-        first = []
-        hidden = inputs
-        for linear in linears[:-1]:
-            pre = hidden @ linear.weight.T + linear.bias
-            first.append(activation_derivatives(activation, pre)[0])
-            hidden = models.ACTIVATIONS[activation](pre)
-            layer_inputs.append(hidden)
-
+        layer_inputs, first, _, _ = _forward(linears, activation, inputs)
         count = inputs.shape[0]
         classes = linears[-1].out_features
         # d f / d z_l per sample, (N, C, out_l), from the output layer backwards

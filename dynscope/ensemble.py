@@ -255,19 +255,19 @@ def _mlp_step_function(
 
     def buffer(role: str, layer: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """Return the workspace tensor for (role, layer, shape) with ``like``'s dtype."""
-        kept = workspace.get((role, layer, shape))
-        if kept is None:
-            kept = torch.empty(shape, dtype=like.dtype, device=like.device)
-            workspace[(role, layer, shape)] = kept
-        return kept
+        cached = workspace.get((role, layer, shape))
+        if cached is None:
+            cached = torch.empty(shape, dtype=like.dtype, device=like.device)
+            workspace[(role, layer, shape)] = cached
+        return cached
 
     extended_inputs: dict[str, tuple[Tensor, Tensor]] = {}
 
     def with_ones(x: Tensor, role: str) -> Tensor:
         """Return x with a column of ones appended, kept while the same x comes back."""
-        kept = extended_inputs.get(role)
-        if kept is not None and kept[0] is x:
-            return kept[1]
+        cached = extended_inputs.get(role)
+        if cached is not None and cached[0] is x:
+            return cached[1]
         ones = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device)
         extended = torch.cat([x, ones], dim=2)
         extended_inputs[role] = (x, extended)
