@@ -298,7 +298,7 @@ def eigenthings_steps(case: Case, tol: float) -> int:
     """Return the fewest Lanczos steps at which hessian-eigenthings reports convergence at ``tol``.
 
     Its ``lanczos`` runs a fixed number of steps and then reports whether the Ritz residual
-    meets ``tol``; the search (doubling, then bisection) is not timed.
+    meets ``tol``. The search (doubling, then bisection) is not timed.
     """
 
     def converged(steps: int) -> bool:

@@ -141,8 +141,9 @@ def lanczos(
         raise ValueError(f"invalid max_iterations {max_iterations!r}: use at least k = {k}")
     generator = torch.Generator().manual_seed(seed)
 
-    # Vectors stay in torch: NumPy's OpenBLAS threads keep spinning after each call and slow
-    # the torch operations of the next product. Only the small tridiagonal goes to NumPy.
+    # Vectors stay in torch, because NumPy's OpenBLAS threads keep spinning after each call and
+    # slow the torch operations of the next product. Only the small tridiagonal is stored in
+    # NumPy, and `_ritz` diagonalises it with torch.
     basis = torch.zeros(limit, size, dtype=torch.float64)
     products = torch.zeros(limit, size, dtype=torch.float64)
     tridiagonal = np.zeros((limit, limit))

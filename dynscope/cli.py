@@ -101,7 +101,7 @@ class _OneLineErrors(click.Group):
     """A command group whose usage errors print one line instead of Click's three."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the command line, printing usage errors as ``COMMAND: message (see --help)``."""
+        """Run the command line, printing each usage error as ``CMD: message. See CMD --help.``"""
         kwargs["standalone_mode"] = False
         try:
             result = super().main(*args, **kwargs)
