@@ -57,6 +57,10 @@ from dynscope.recorder import RecordResult
 logger = logging.getLogger(__name__)
 
 # Rows of the per-member metrics tensor returned by the vmapped step.
+# Bytes of intermediate results that a step keeps together to reuse them from a core's cache
+# (1 MiB: within the L2 cache of current x86 and ARM server cores).
+_CACHE_BYTES = 1 << 20
+
 _METRICS = ("loss", "static_loss", "train_accuracy", "val_accuracy", "grad_norm", "minibatch_loss")
 
 
@@ -182,6 +186,40 @@ def _build_ensemble(members: list[RecordConfig], paths: list[Path], force: bool)
     )
 
 
+class _Workspace:
+    """Tensors that a step function reuses from step to step, by role and shape.
+
+    glibc serves allocations of a (K, N, width) tensor with mmap and unmaps them when freed, so
+    each fresh one costs page faults, measured to dominate small steps.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[tuple[str, tuple[int, ...]], Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Return the tensor for (role, shape), with the dtype and device of ``like``."""
+        tensor = self.tensors.get((role, shape))
+        if tensor is None:
+            tensor = torch.empty(shape, dtype=like.dtype, device=like.device)
+            self.tensors[(role, shape)] = tensor
+        return tensor
+
+
+class _OneHotCache:
+    """The one-hot targets of the last targets tensor seen: full-batch steps reuse them."""
+
+    def __init__(self) -> None:
+        self.targets: Tensor | None = None
+        self.one_hot = torch.empty(0)
+
+    def get(self, targets: Tensor, like: Tensor) -> Tensor:
+        """Return `_one_hot` (targets, like), computed again only for another targets tensor."""
+        if targets is not self.targets or self.one_hot.dtype != like.dtype:
+            self.targets = targets
+            self.one_hot = _one_hot(targets, like)
+        return self.one_hot
+
+
 def _member_step_function(ensemble: _Ensemble) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
     """Return the vmapped step: per-member gradients and the metrics of `_METRICS`, (K, 6)."""
     model = ensemble.runs[0].model
@@ -250,17 +288,7 @@ def _mlp_step_function(
     loss_name = ensemble.runs[0].loss.name
     full_batch = ensemble.config.optimizer == "gd"
 
-    # Reused (K, N, width) buffers. glibc serves allocations of this size with mmap and unmaps
-    # them when freed, so each fresh one costs page faults, measured to dominate small steps.
-    workspace: dict[tuple[str, int, tuple[int, ...]], Tensor] = {}
-
-    def buffer(role: str, layer: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """Return the workspace tensor for (role, layer, shape) with ``like``'s dtype."""
-        cached = workspace.get((role, layer, shape))
-        if cached is None:
-            cached = torch.empty(shape, dtype=like.dtype, device=like.device)
-            workspace[(role, layer, shape)] = cached
-        return cached
+    workspace = _Workspace()
 
     extended_inputs: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -294,7 +322,7 @@ def _mlp_step_function(
             weight = params[weight_name]
             bias = params[bias_name]
             shape = (hidden.shape[0], hidden.shape[1], weight.shape[1])
-            pre = buffer(role, layer, shape, hidden)
+            pre = workspace.get(f"{role} {layer}", shape, hidden)
             if layer == 0:
                 # The bias as the weight of a constant input: one pass over the result instead
                 # of a broadcast copy of the bias followed by the product.
@@ -320,10 +348,11 @@ def _mlp_step_function(
         batch_outputs, layer_inputs = forward(
             params, data["x_batch"], data["x_batch_extended"], "batch", gates
         )
-        objective_value, error, static_batch = _stacked_loss(
-            loss_name, batch_outputs, data["y_batch"], gamma, True
+        objective_value, error_by_class, static_batch = _stacked_loss(
+            loss_name, batch_outputs.mT, data["y_batch"], gamma, True
         )
-        assert error is not None
+        assert error_by_class is not None
+        error = error_by_class.mT
         gradients: dict[str, Tensor] = {}
         for layer in range(len(weight_names) - 1, -1, -1):
             if layer == 0 and len(weight_names) > 1:
@@ -335,7 +364,7 @@ def _mlp_step_function(
             gradients[weight_names[layer]] = torch.bmm(error.mT, layer_inputs[layer])
             gradients[bias_names[layer]] = error.sum(dim=1)
             if layer > 0:
-                back = buffer("back", layer, tuple(layer_inputs[layer].shape), error)
+                back = workspace.get(f"back {layer}", tuple(layer_inputs[layer].shape), error)
                 error = torch.bmm(error, params[weight_names[layer]], out=back)
                 if activation_name == "relu":
                     # autograd's ReLU backward: the gradient where the output is above 0
@@ -352,18 +381,21 @@ def _mlp_step_function(
             minibatch_loss = torch.full_like(loss, math.nan)
         else:
             outputs = forward(params, data["x"], data["x_extended"], "train")[0]
-            loss, _, static = _stacked_loss(loss_name, outputs, y, gamma, False)
+            loss, _, static = _stacked_loss(loss_name, outputs.mT, y, gamma, False)
             minibatch_loss = objective_value
-        train_accuracy = (outputs.argmax(dim=2) == y).double().mean(dim=1)
         val_outputs = forward(params, data["x_val"], data["x_val_extended"], "validation")[0]
-        val_accuracy = (val_outputs.argmax(dim=2) == data["y_val"]).double().mean(dim=1)
-        squares = [
-            (gradients[name].double() ** 2).flatten(start_dim=1).sum(dim=1)
-            for name in ensemble.names
-        ]
-        grad_norm = torch.sqrt(torch.stack(squares).sum(dim=0))
-        metrics = [loss, static, train_accuracy, val_accuracy, grad_norm, minibatch_loss]
-        return gradients, torch.stack([value.double() for value in metrics], dim=1)
+        metrics = _stacked_metrics(
+            ensemble,
+            gradients,
+            loss,
+            static,
+            minibatch_loss,
+            outputs.mT,
+            y,
+            val_outputs.mT,
+            data["y_val"],
+        )
+        return gradients, metrics
 
     def step(
         params: dict[str, Tensor],
@@ -393,46 +425,237 @@ def _mlp_step_function(
     return step
 
 
+def _factored_step_function(
+    ensemble: _Ensemble,
+) -> Callable[..., tuple[dict[str, Tensor], Tensor]] | None:
+    """Return the step of `_member_step_function` for one hidden ReLU layer, or None.
+
+    With the input extended by a constant, x~ = (x, 1), the first layer W~1 = (W1 | b1) and
+    the activation pattern m_nj = [W~1 x~_n > 0]_j (0 or 1), the network and both gradients are
+    linear in m:
+
+        f_c(x~_n) = sum_i x~_ni sum_j m_nj W~1_ji W2_cj + b2_c
+        dL/dW2_cj = sum_i W~1_ji G_cij,    dL/dW~1_ji = sum_c W2_cj G_cij,
+        G_cij = sum_n e_nc x~_ni m_nj,
+
+    where e = dL/df. A step then reads the (width, samples) pattern twice, in products with
+    (d + 1) C rows, instead of passing over hidden-layer tensors about 14 times. It pays where
+    (d + 1) C does not exceed the width, as on the spiral (9 rows for 2 inputs and 3 classes).
+    The sums run in another order than the layer-by-layer products, so results agree with
+    `_mlp_step_function` to float rounding. Returns None for other networks.
+    """
+    model = ensemble.runs[0].model
+    linears = _mlp_hessian.mlp_linears(model)
+    if linears is None or len(linears) != 2:
+        return None
+    assert isinstance(model, models.MLP)
+    width, inputs = linears[0].weight.shape
+    classes = linears[1].weight.shape[0]
+    rows = (inputs + 1) * classes
+    if model.activation != "relu" or rows > width:
+        return None
+    weight_name, bias_name, output_weight_name, output_bias_name = ensemble.names
+    loss_name = ensemble.runs[0].loss.name
+    full_batch = ensemble.config.optimizer == "gd"
+    workspace = _Workspace()
+    one_hots = _OneHotCache()
+    cache_bytes = _CACHE_BYTES
+    fixed_samples: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def extended_samples(parts: list[Tensor]) -> Tensor:
+        """Return the parts' samples, each with a constant 1 appended, as (K, d + 1, samples)."""
+        ones = torch.ones(*parts[0].shape[:2], 1, dtype=parts[0].dtype, device=parts[0].device)
+        extended = [
+            torch.cat([part, ones[:, :1].expand(-1, part.shape[1], -1)], 2) for part in parts
+        ]
+        return torch.cat(extended, dim=1).mT.contiguous()
+
+    def step(
+        params: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        x_val: Tensor,
+        y_val: Tensor,
+        gamma: Tensor,
+        x_batch: Tensor,
+        y_batch: Tensor,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        with torch.no_grad():
+            # One pass over the mini-batch, the training set (for sgd) and the validation set.
+            if full_batch:
+                if (
+                    not fixed_samples
+                    or fixed_samples[0][0] is not x
+                    or fixed_samples[0][1] is not x_val
+                ):
+                    fixed_samples[:] = [(x, x_val, extended_samples([x, x_val]))]
+                samples = fixed_samples[0][2]
+            else:
+                samples = extended_samples([x_batch, x, x_val])
+            count, _, sample_count = samples.shape
+            batch_count = y_batch.shape[1]
+
+            first = torch.cat([params[weight_name], params[bias_name][:, :, None]], dim=2)
+            output_weight = params[output_weight_name]
+            # (K, C (d + 1), width): row (c, i) holds W~1_ji W2_cj over j
+            factors = workspace.get("factors", (count, classes, inputs + 1, width), x)
+            torch.mul(output_weight[:, :, None, :], first.mT[:, None, :, :], out=factors)
+            factors_by_row = factors.view(count, rows, width)
+            products = workspace.get("products", (count, rows, sample_count), x)
+            # The patterns of a group of members fit in a core's cache. They are computed twice,
+            # for the outputs and for G, because keeping all of them would evict the other
+            # tensors of the step from the cache, which was measured to cost more.
+            group = max(1, cache_bytes // (width * sample_count * x.element_size()))
+            pattern = workspace.get("pattern", (group, width, sample_count), x)
+            for start in range(0, count, group):
+                end = min(start + group, count)
+                piece = pattern[: end - start]
+                torch.bmm(first[start:end], samples[start:end], out=piece).gt_(0)
+                torch.bmm(factors_by_row[start:end], piece, out=products[start:end])
+            products_by_input = products.view(count, classes, inputs + 1, sample_count)
+            outputs = workspace.get("outputs", (count, classes, sample_count), x)
+            outputs.copy_(params[output_bias_name][:, :, None].expand_as(outputs))
+            for i in range(inputs + 1):
+                outputs.addcmul_(products_by_input[:, :, i], samples[:, None, i])
+
+            batch_outputs = outputs[:, :, :batch_count]
+            objective_value, error, static_batch = _stacked_loss(
+                loss_name, batch_outputs, y_batch, gamma, True, one_hots.get(y_batch, outputs)
+            )
+            assert error is not None
+            # G as (K, C, d + 1, width), from the samples weighted by e as (K, C, d + 1, N)
+            batch_samples = samples[:, :, :batch_count]
+            weighted = workspace.get("weighted", (count, classes, inputs + 1, batch_count), x)
+            torch.mul(error[:, :, None, :], batch_samples[:, None, :, :], out=weighted)
+            weighted_by_row = weighted.view(count, rows, batch_count)
+            sums = workspace.get("sums", (count, rows, width), x)
+            batch_pattern = workspace.get("batch pattern", (group, width, batch_count), x)
+            for start in range(0, count, group):
+                end = min(start + group, count)
+                piece = batch_pattern[: end - start]
+                torch.bmm(first[start:end], batch_samples[start:end], out=piece).gt_(0)
+                torch.bmm(weighted_by_row[start:end], piece.mT, out=sums[start:end])
+            sums_by_input = sums.view(count, classes, inputs + 1, width)
+            output_gradient = (sums_by_input * first.mT[:, None, :, :]).sum(dim=2)
+            first_gradient = (sums_by_input * output_weight[:, :, None, :]).sum(dim=1)
+            gradients = {
+                weight_name: first_gradient[:, :inputs].mT.contiguous(),
+                bias_name: first_gradient[:, inputs].contiguous(),
+                output_weight_name: output_gradient,
+                output_bias_name: error.sum(dim=2),
+            }
+
+            if full_batch:
+                train_outputs = batch_outputs
+                loss = objective_value
+                static = static_batch
+                minibatch_loss = torch.full_like(loss, math.nan)
+            else:
+                train_outputs = outputs[:, :, batch_count : batch_count + y.shape[1]]
+                loss, _, static = _stacked_loss(loss_name, train_outputs, y, gamma, False)
+                minibatch_loss = objective_value
+            val_outputs = outputs[:, :, sample_count - y_val.shape[1] :]
+            metrics = _stacked_metrics(
+                ensemble,
+                gradients,
+                loss,
+                static,
+                minibatch_loss,
+                train_outputs,
+                y,
+                val_outputs,
+                y_val,
+            )
+            return gradients, metrics
+
+    return step
+
+
+def _stacked_metrics(
+    ensemble: _Ensemble,
+    gradients: dict[str, Tensor],
+    loss: Tensor,
+    static: Tensor,
+    minibatch_loss: Tensor,
+    train_outputs: Tensor,
+    y: Tensor,
+    val_outputs: Tensor,
+    y_val: Tensor,
+) -> Tensor:
+    """Return the (K, 6) metrics of `_METRICS` from class-major (K, C, N) outputs."""
+    # max(dim=1).indices, the first largest like argmax, is about 10x faster than argmax over
+    # the class axis of these (K, C, N) views.
+    train_accuracy = (train_outputs.max(dim=1).indices == y).double().mean(dim=1)
+    val_accuracy = (val_outputs.max(dim=1).indices == y_val).double().mean(dim=1)
+    flat = torch.cat([gradients[name].flatten(start_dim=1) for name in ensemble.names], dim=1)
+    grad_norm = torch.sqrt(flat.double().square().sum(dim=1))
+    metrics = [loss, static, train_accuracy, val_accuracy, grad_norm, minibatch_loss]
+    return torch.stack([value.double() for value in metrics], dim=1)
+
+
 def _stacked_loss(
-    name: str, outputs: Tensor, targets: Tensor, gamma: Tensor, with_gradient: bool
+    name: str,
+    outputs: Tensor,
+    targets: Tensor,
+    gamma: Tensor,
+    with_gradient: bool,
+    one_hot: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Return each member's loss (K,), on request its gradient, and the static loss (K,).
 
-    The formulas are those of `dynscope.losses.weighted_loss` with a leading member axis;
-    ``gamma`` is (K, C). The gradient in the outputs (K, N, C) includes the 1/N of the mean. The
-    static loss (CE for the cross-entropy family, MSE otherwise) reuses the loss's terms.
+    The formulas are those of `dynscope.losses.weighted_loss` with a leading member axis and the
+    classes before the samples: ``outputs`` is (K, C, N), ``targets`` (K, N) and ``gamma``
+    (K, C); ``one_hot`` is the targets as (K, C, N) in the outputs' dtype, computed when not
+    given. The gradient in the outputs (K, C, N) includes the 1/N of the mean. The static loss
+    (CE for the cross-entropy family, MSE otherwise) reuses the loss's terms.
+
+    Reductions run over the class axis, which is not the last one; written out as below they
+    take a few microseconds each where ``torch.log_softmax(outputs, dim=1)`` was measured at
+    several times the cost of the whole loss.
     """
-    classes = torch.arange(outputs.shape[2], device=outputs.device)
-    one_hot = (targets[:, :, None] == classes).to(outputs.dtype)
+    count = outputs.shape[2]
+    if one_hot is None:
+        one_hot = _one_hot(targets, outputs)
     sample_weight = gamma.gather(1, targets) if name in ("dce", "dmse1") else None
-    difference = None
+    gradient = None
     if name in ("ce", "dce"):
-        log_probabilities = torch.log_softmax(outputs, dim=2)
-        per_sample = -log_probabilities.gather(2, targets[:, :, None])[:, :, 0]
+        shifted = outputs - outputs.amax(dim=1, keepdim=True)
+        exponentials = shifted.exp()
+        normalisers = exponentials.sum(dim=1)
+        # -log p_y = log(sum_c exp(shifted_c)) - shifted_y
+        per_sample = normalisers.log() - shifted.gather(1, targets[:, None, :])[:, 0, :]
         static_per_sample = per_sample
         if with_gradient:
-            difference = torch.exp(log_probabilities) - one_hot
+            gradient = exponentials / normalisers[:, None, :] - one_hot
     else:
         residual = outputs - one_hot
         squared = residual * residual
-        static_per_sample = squared.sum(dim=2)
+        static_per_sample = squared.sum(dim=1)
         if name == "dmse2":
-            per_sample = (squared * gamma[:, None, :]).sum(dim=2)
+            per_sample = (squared * gamma[:, :, None]).sum(dim=1)
         else:
             per_sample = static_per_sample
         if with_gradient:
-            difference = 2.0 * residual
+            gradient = residual * 2.0
             if name == "dmse2":
-                difference = difference * gamma[:, None, :]
+                gradient *= gamma[:, :, None]
     static = static_per_sample.mean(dim=1)
     if sample_weight is not None:
         per_sample = sample_weight * per_sample
     value = per_sample.mean(dim=1)
-    if difference is None:
+    if gradient is None:
         return value, None, static
     if sample_weight is not None:
-        difference = difference * sample_weight[:, :, None]
-    return value, difference / outputs.shape[1], static
+        gradient *= (sample_weight / count)[:, None, :]
+    else:
+        gradient /= count
+    return value, gradient, static
+
+
+def _one_hot(targets: Tensor, like: Tensor) -> Tensor:
+    """Return the (K, N) targets as (K, C, N) indicators with the dtype of ``like`` (K, C, N)."""
+    classes = torch.arange(like.shape[1], device=like.device)
+    return (targets[:, None, :] == classes[:, None]).to(like.dtype)
 
 
 def _weighted_loss(name: str, outputs: Tensor, targets: Tensor, gamma: Tensor) -> Tensor:
@@ -460,7 +683,11 @@ def _train(
 ) -> list[RecordResult]:
     config = ensemble.config
     count = len(ensemble.runs)
-    step_function = _mlp_step_function(ensemble) or _member_step_function(ensemble)
+    step_function = (
+        _factored_step_function(ensemble)
+        or _mlp_step_function(ensemble)
+        or _member_step_function(ensemble)
+    )
     gammas = _GammaBlocks(ensemble)
     momentum = None
     if config.momentum:
@@ -492,7 +719,11 @@ def _train(
                 y_batch,
             )
             rows = metrics.tolist()
-            finite = _finite_gradients(gradients).tolist()
+            # A finite gradient norm means finite gradients; an infinite one can also come from
+            # finite gradients whose squares overflow, so only then are the gradients checked.
+            finite = [math.isfinite(row[_METRICS.index("grad_norm")]) for row in rows]
+            if not all(finite):
+                finite = _finite_gradients(gradients).tolist()
 
             for k in list(active):
                 if not _record_member_step(ensemble, k, step, rows[k], gamma_values[k]):

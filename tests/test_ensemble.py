@@ -51,8 +51,19 @@ def _assert_records_match(single: Path, member: Path) -> None:
         {"activation": "tanh", "depth": 2, "loss": "dmse1", "lr": 0.05},
         {"activation": "gelu", "depth": 0, "loss": "ce"},
         {"depth": 3},
+        {"width": 12, "loss": "ce"},
+        {"width": 12, "loss": "dmse1", "optimizer": "sgd", "batch_size": 16},
     ],
-    ids=["dce-gd", "dmse2-random-order", "sgd-momentum", "tanh-depth2", "linear", "relu-depth3"],
+    ids=[
+        "dce-gd",
+        "dmse2-random-order",
+        "sgd-momentum",
+        "tanh-depth2",
+        "linear",
+        "relu-depth3",
+        "factored-ce",
+        "factored-sgd-dmse1",
+    ],
 )
 def test_ensemble_member_equals_single_run(tmp_path: Path, changes: dict) -> None:
     config = TINY.replace(**changes)
@@ -118,9 +129,51 @@ def test_ensemble_rejects_existing_output(tmp_path: Path) -> None:
     ids=["relu-dce", "softplus-dmse2", "sgd-mse"],
 )
 def test_batched_mlp_step_equals_vmapped_autograd(tmp_path: Path, changes: dict) -> None:
+    _assert_step_equals_vmapped_autograd(tmp_path, TINY.replace(**changes), "_mlp_step_function")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"loss": "dce"},
+        {"loss": "ce"},
+        {"loss": "mse"},
+        {"loss": "dmse1", "class_order": "random"},
+        {"loss": "dmse2", "optimizer": "sgd", "batch_size": 8},
+        {"width": 6, "dataset": "moons", "loss": "dce"},
+    ],
+    ids=["dce", "ce", "mse", "dmse1", "sgd-dmse2", "two-classes"],
+)
+def test_factored_step_equals_vmapped_autograd(tmp_path: Path, changes: dict) -> None:
+    config = TINY.replace(**{"width": 12, **changes})
+    _assert_step_equals_vmapped_autograd(tmp_path, config, "_factored_step_function")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"activation": "tanh"}, {"depth": 2}, {"width": 8}],
+    ids=["tanh", "two-hidden-layers", "narrower-than-9-rows"],
+)
+def test_factored_step_only_for_wide_one_hidden_relu_layer(tmp_path: Path, changes: dict) -> None:
     from dynscope import ensemble as ensemble_module
 
-    config = TINY.replace(**changes)
+    config = TINY.replace(**{"width": 12, **changes})
+    members = [config.replace(seed=seed).validate() for seed in SEEDS]
+    built = ensemble_module._build_ensemble(
+        members, [tmp_path / f"{seed}.nc" for seed in SEEDS], force=False
+    )
+    try:
+        assert ensemble_module._factored_step_function(built) is None
+    finally:
+        for writer in built.writers:
+            writer.close("interrupted")
+
+
+def _assert_step_equals_vmapped_autograd(
+    tmp_path: Path, config: RecordConfig, builder: str
+) -> None:
+    from dynscope import ensemble as ensemble_module
+
     members = [config.replace(seed=seed).validate() for seed in SEEDS]
     paths = [tmp_path / f"{seed}.nc" for seed in SEEDS]
     built = ensemble_module._build_ensemble(members, paths, force=False)
@@ -137,7 +190,7 @@ def test_batched_mlp_step_equals_vmapped_autograd(tmp_path: Path, changes: dict)
             x_batch,
             y_batch,
         )
-        batched = ensemble_module._mlp_step_function(built)
+        batched = getattr(ensemble_module, builder)(built)
         assert batched is not None
 
         gradients, metrics = batched(*arguments)
