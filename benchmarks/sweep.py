@@ -9,6 +9,7 @@ process so that the comparisons do not depend on intra-op threading):
   clock starts, so the ratio measures the runs, not the start-up.
 
 Usage: python benchmarks/sweep.py [--steps 500] [--widths 16,100] [--grid-steps 1500] [--repeats 3]
+(--grid-steps 0 skips the workers' grid)
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def time_grid(grid_steps: int, workers: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500, help="Steps of each ensemble run.")
-    parser.add_argument("--grid-steps", type=int, default=1500, help="Steps of each grid run.")
+    parser.add_argument(
+        "--grid-steps", type=int, default=1500, help="Steps of each grid run (0: no grid)."
+    )
     parser.add_argument("--repeats", type=int, default=3, help="Repeats per measurement.")
     parser.add_argument("--widths", default="16,100", help="Comma-separated ensemble widths.")
     args = parser.parse_args()
@@ -95,12 +98,24 @@ def main() -> None:
     for width in (int(value) for value in args.widths.split(",")):
         config = RecordConfig(steps=args.steps, width=width, hessian_every=0)
         time_ensemble(config.replace(steps=2))  # imports and first-call set-up
-        sequential = median_seconds(partial(time_sequential, config), args.repeats)
-        ensemble = median_seconds(partial(time_ensemble, config), args.repeats)
+        # Alternate the two so that a slow spell of this shared machine hits both.
+        sequential_times = []
+        ensemble_times = []
+        for _ in range(args.repeats):
+            sequential_times.append(median_seconds(partial(time_sequential, config), 1))
+            ensemble_times.append(median_seconds(partial(time_ensemble, config), 1))
+        sequential = statistics.median(sequential_times)
+        ensemble = statistics.median(ensemble_times)
+        ratios = ", ".join(
+            f"{s / e:.2f}" for s, e in zip(sequential_times, ensemble_times, strict=True)
+        )
         print(f"width {width}: 16 sequential runs of {args.steps} steps: {sequential:.2f} s")
         print(f"width {width}: ensemble of 16 seeds: {ensemble:.2f} s")
         print(f"width {width}: ensemble speed-up {sequential / ensemble:.2f}x (target >= 5)")
+        print(f"width {width}: speed-up of each repeat: {ratios}")
 
+    if args.grid_steps == 0:
+        return
     one = time_grid(args.grid_steps, 1, args.repeats)
     two = time_grid(args.grid_steps, 2, args.repeats)
     print(f"grid of 4 runs ({args.grid_steps} steps) on 1 worker:  {one:.2f} s")

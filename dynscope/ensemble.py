@@ -4,8 +4,11 @@ An ensemble is K copies of one record config with seeds s_1..s_K. Their paramete
 along a leading member axis, and one step of every member is one batched forward and backward
 pass: each layer is a batched matrix product over the members (``torch.bmm``), and the backward
 pass starts from the closed-form gradient of the loss in the outputs, so no autograd graph is
-built. The same step written as ``torch.func.vmap`` over ``torch.func.grad_and_value`` is kept
-as the reference that the tests compare against. Each member writes its own record through
+built. A network with one hidden ReLU layer and few inputs and classes, like the spiral's, takes
+a shorter route: it is linear in its 0/1 activation pattern, so its outputs and gradients come
+from two products of that pattern (see `_factored_step_function`). The same step written as
+``torch.func.vmap`` over ``torch.func.grad_and_value`` is kept as the reference that the tests
+compare against. Each member writes its own record through
 `dynscope.store`, with the same rows, probes, snapshots, flushes and attributes as
 ``dynscope.recorder.record(config.replace(seed=s))``; the records agree to float rounding (the
 batched products may sum in another order). Rounding differences grow where training is
@@ -23,11 +26,10 @@ Curvature probes loop over the members: the parameters of member k are copied in
 probed as in a single run, so probes cost as much as in K single runs.
 
 Speed: the gain is the per-step cost of K - 1 runs (Python, dispatch, the loss schedule), so
-it shrinks as the arithmetic grows. For the default spiral network (width 100, 300 points,
-float64) a step of 16 members passes over several (16, 300, 100) tensors of 3.8 MB each and
-runs at memory speed, so 16 members cost about as much as 4 single runs (3.7x faster than 16
-runs, against 6.0x at width 16; docs/benchmarks.md has the measurements). Small networks gain
-the most.
+it shrinks as the arithmetic grows. For the default spiral network (width 100, 300 training and
+300 validation points, float64), the activation patterns of 16 members take 7.7 MB, more than
+a core's cache, and their products dominate the step. docs/benchmarks.md has the measured
+speed-ups over 16 single runs. Small networks gain the most.
 
 Limits: every member must have parameters of the same shape, so only the seed may differ; a
 member that diverges stops recording (status "diverged") while the others go on; an ensemble
@@ -56,11 +58,13 @@ from dynscope.recorder import RecordResult
 
 logger = logging.getLogger(__name__)
 
-# Rows of the per-member metrics tensor returned by the vmapped step.
-# Bytes of intermediate results that a step keeps together to reuse them from a core's cache
-# (1 MiB: within the L2 cache of current x86 and ARM server cores).
+# Bytes of activation patterns that the factored step computes and reuses at a time, so that
+# they are read back from a core's cache. On the development machine (2 MB of L2 cache a core),
+# 256 KiB and 1 MiB measured the same, and computing all patterns at once was 8% to 22%
+# slower in five interleaved comparisons.
 _CACHE_BYTES = 1 << 20
 
+# Columns of the (K, 6) metrics tensor that every step function returns.
 _METRICS = ("loss", "static_loss", "train_accuracy", "val_accuracy", "grad_norm", "minibatch_loss")
 
 
@@ -438,9 +442,11 @@ def _factored_step_function(
         dL/dW2_cj = sum_i W~1_ji G_cij,    dL/dW~1_ji = sum_c W2_cj G_cij,
         G_cij = sum_n e_nc x~_ni m_nj,
 
-    where e = dL/df. A step then reads the (width, samples) pattern twice, in products with
-    (d + 1) C rows, instead of passing over hidden-layer tensors about 14 times. It pays where
-    (d + 1) C does not exceed the width, as on the spiral (9 rows for 2 inputs and 3 classes).
+    where e = dL/df. The outputs take one product of the pattern with (d + 1) C rows, and G
+    takes another, in place of the layer-by-layer forward and backward passes. Both read the
+    pattern of a group of members while it is in the cache. The second product computes the
+    pattern again, because keeping all of it was slower. The route is taken where (d + 1) C
+    does not exceed the width, as on the spiral (9 rows for 2 inputs and 3 classes).
     The sums run in another order than the layer-by-layer products, so results agree with
     `_mlp_step_function` to float rounding. Returns None for other networks.
     """
@@ -497,14 +503,12 @@ def _factored_step_function(
 
             first = torch.cat([params[weight_name], params[bias_name][:, :, None]], dim=2)
             output_weight = params[output_weight_name]
-            # (K, C (d + 1), width): row (c, i) holds W~1_ji W2_cj over j
+            # (K, C (d + 1), width): row (c, i) contains W~1_ji W2_cj over j
             factors = workspace.get("factors", (count, classes, inputs + 1, width), x)
             torch.mul(output_weight[:, :, None, :], first.mT[:, None, :, :], out=factors)
             factors_by_row = factors.view(count, rows, width)
             products = workspace.get("products", (count, rows, sample_count), x)
-            # The patterns of a group of members fit in a core's cache. They are computed twice,
-            # for the outputs and for G, because keeping all of them would evict the other
-            # tensors of the step from the cache, which was measured to cost more.
+            # Patterns of `group` members at a time, computed again below for G (see docstring).
             group = max(1, cache_bytes // (width * sample_count * x.element_size()))
             pattern = workspace.get("pattern", (group, width, sample_count), x)
             for start in range(0, count, group):
@@ -609,9 +613,9 @@ def _stacked_loss(
     given. The gradient in the outputs (K, C, N) includes the 1/N of the mean. The static loss
     (CE for the cross-entropy family, MSE otherwise) reuses the loss's terms.
 
-    Reductions run over the class axis, which is not the last one; written out as below they
-    take a few microseconds each where ``torch.log_softmax(outputs, dim=1)`` was measured at
-    several times the cost of the whole loss.
+    The reductions run over the class axis, which is not the last one. Written out as below,
+    they take a few microseconds each, while ``torch.log_softmax(outputs, dim=1)`` took about
+    170 us on 16 spiral members.
     """
     count = outputs.shape[2]
     if one_hot is None:
@@ -719,8 +723,8 @@ def _train(
                 y_batch,
             )
             rows = metrics.tolist()
-            # A finite gradient norm means finite gradients; an infinite one can also come from
-            # finite gradients whose squares overflow, so only then are the gradients checked.
+            # A finite gradient norm means finite gradients. An infinite norm can also come from
+            # finite gradients whose squares overflow, so then the gradients themselves decide.
             finite = [math.isfinite(row[_METRICS.index("grad_norm")]) for row in rows]
             if not all(finite):
                 finite = _finite_gradients(gradients).tolist()
