@@ -257,7 +257,12 @@ def _record_ensemble(
     "--workers", default=2, show_default=True, help="Worker processes of the local cluster."
 )
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler.")
-@click.option("--ensemble", is_flag=True, help="Train runs that differ only by seed together.")
+@click.option(
+    "--ensemble/--no-ensemble",
+    default=True,
+    show_default=True,
+    help="Train runs that differ only by seed together, in as many groups as workers need.",
+)
 @click.option("--quiet", is_flag=True, help="Hide the progress bar.")
 def sweep(
     study_path: str,

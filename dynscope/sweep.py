@@ -12,8 +12,9 @@ A study file (TOML) has two tables::
     seed = [0, 1, 2]
 
 `load_study` checks every option and every grid configuration before anything runs.
-`run_sweep` submits one task per grid point (or, with ``ensemble=True``, one task per group of
-points that differ only by seed, trained together by `dynscope.ensemble`). Each run writes
+`run_sweep` submits one task per group of grid points that differ only by seed, trained together
+by `dynscope.ensemble` (groups are halved while workers would stay idle), or with
+``ensemble=False`` one task per grid point. Each run writes
 ``<out_dir>/<name>.nc``, the name built from the swept values in the order of the ``[sweep]``
 table, for example ``loss-dce_width-8_seed-0.nc``.
 
@@ -268,7 +269,7 @@ def run_sweep(
     *,
     workers: int = 2,
     scheduler: str | None = None,
-    ensemble: bool = False,
+    ensemble: bool = True,
     quiet: bool = False,
 ) -> SweepResult:
     """Record every grid point of a study on Dask distributed and return how each ended.
@@ -284,7 +285,9 @@ def run_sweep(
     scheduler
         Address of a running Dask scheduler to use instead of a local cluster.
     ensemble
-        Train the runs that differ only by seed together in one task (`dynscope.ensemble`).
+        Train the runs that differ only by seed together (`dynscope.ensemble`). A group is
+        split in halves while there are fewer groups than worker threads, so that every worker
+        has a run; False runs each grid point alone.
     quiet
         Hide the progress bar (it also hides itself when stderr is not a terminal).
 
@@ -301,9 +304,13 @@ def run_sweep(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     points = study.points()
-    groups = _group_points(points) if ensemble else [[point] for point in points]
     started = time.perf_counter()
     with _client(workers, scheduler) as client:
+        if ensemble:
+            threads = sum(client.nthreads().values())
+            groups = _split_groups(_group_points(points), threads)
+        else:
+            groups = [[point] for point in points]
         outcomes = _run_groups(client, groups, out_dir, quiet)
     ordered = tuple(outcomes[point.name] for point in points)
     return SweepResult(runs=ordered, wall_time=time.perf_counter() - started)
@@ -352,6 +359,23 @@ def _group_points(points: Sequence[GridPoint]) -> list[list[GridPoint]]:
     for point in points:
         groups.setdefault(point.config.replace(seed=0), []).append(point)
     return list(groups.values())
+
+
+def _split_groups(groups: list[list[GridPoint]], threads: int) -> list[list[GridPoint]]:
+    """Halve the largest group until there are ``threads`` groups or only single runs.
+
+    An ensemble of K members takes longer than one of K / 2, so with idle workers two halves
+    finish sooner than the whole. The halves stay in place, which keeps the grid order.
+    """
+    groups = list(groups)
+    while len(groups) < threads:
+        largest = max(range(len(groups)), key=lambda index: len(groups[index]))
+        group = groups[largest]
+        if len(group) < 2:
+            break
+        half = (len(group) + 1) // 2
+        groups[largest : largest + 1] = [group[:half], group[half:]]
+    return groups
 
 
 @dataclass(frozen=True)

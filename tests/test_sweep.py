@@ -135,14 +135,31 @@ def test_sweep_reports_failing_point(tmp_path: Path, scheduler: str) -> None:
 
 def test_sweep_ensemble_matches_single_runs(tmp_path: Path, scheduler: str) -> None:
     study = _study({"width": [4], "seed": [0, 1, 2]})
-    singles = run_sweep(study, tmp_path / "single", scheduler=scheduler, quiet=True)
-    grouped = run_sweep(study, tmp_path / "grouped", scheduler=scheduler, ensemble=True, quiet=True)
+    singles = run_sweep(study, tmp_path / "single", scheduler=scheduler, ensemble=False, quiet=True)
+    grouped = run_sweep(study, tmp_path / "grouped", scheduler=scheduler, quiet=True)
 
     assert [run.status for run in grouped.runs] == ["complete"] * 3
     for single, member in zip(singles.runs, grouped.runs, strict=True):
         expected = store.open_record(single.path)["loss"].values
         actual = store.open_record(member.path)["loss"].values
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-10)
+
+
+def test_split_groups_fills_worker_threads() -> None:
+    from dynscope.sweep import _group_points, _split_groups
+
+    study = _study({"width": [4, 8], "seed": [0, 1, 2, 3, 4]})
+    groups = _group_points(study.points())
+
+    split = _split_groups(groups, 4)
+    unsplit = _split_groups(groups, 2)
+    singles = _split_groups(groups, 20)
+
+    assert [len(group) for group in groups] == [5, 5]
+    assert [len(group) for group in split] == [3, 2, 3, 2]
+    assert [point for group in split for point in group] == study.points()
+    assert unsplit == groups
+    assert [len(group) for group in singles] == [1] * 10
 
 
 def test_sweep_resumes_interrupted_record(
