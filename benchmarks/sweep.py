@@ -5,8 +5,9 @@ process so that the comparisons do not depend on intra-op threading):
 - ensemble: `record_ensemble` of 16 seeds against 16 sequential `record` calls (spiral, widths
   16 and 100, probes off; target: at least 5x faster);
 - workers: `run_sweep` of a CPU-bound grid of 4 seeds, each run alone (no ensembles), on 2
-  worker processes against 1 (target: at least 1.6x faster). The clusters are started and their workers have imported dynscope before the
-  clock starts, so the ratio measures the runs, not the start-up.
+  worker processes against 1 (target: at least 1.6x faster). The clusters are started and their
+  workers have imported dynscope before the clock starts, so the ratio measures the runs, not
+  the start-up.
 
 Usage: python benchmarks/sweep.py [--steps 500] [--widths 16,100] [--grid-steps 1500] [--repeats 3]
 (--grid-steps 0 skips the workers' grid)
