@@ -71,6 +71,7 @@ OPTION_HELP = {
 
 EXIT_USAGE = 2
 EXIT_WRITE_FAILED = 1
+EXIT_SIGINT = 130
 
 
 def _run_safely(action: Callable[[], int | None]) -> None:
@@ -277,10 +278,24 @@ def sweep(
     def action() -> int:
         from dynscope.sweep import load_study, run_sweep
 
+        if not logging.getLogger().isEnabledFor(logging.INFO):
+            # Dask logs its start-up and shutdown at INFO (-v shows them). Importing distributed
+            # sets its loggers from Dask's config, so the level is lowered after the import.
+            import distributed  # noqa: F401
+
+            logging.getLogger("distributed").setLevel(logging.WARNING)
         study = load_study(study_path)
-        result = run_sweep(
-            study, output, workers=workers, scheduler=scheduler, ensemble=ensemble, quiet=quiet
-        )
+        try:
+            result = run_sweep(
+                study, output, workers=workers, scheduler=scheduler, ensemble=ensemble, quiet=quiet
+            )
+        except KeyboardInterrupt:
+            click.echo(
+                "Interrupted: unfinished records stay resumable; run the same command again to "
+                "resume the sweep",
+                err=True,
+            )
+            return EXIT_SIGINT
         for run in result.failed:
             click.echo(f"Error: run {run.name} {run.params} failed: {run.error}", err=True)
         counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts().items()))

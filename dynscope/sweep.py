@@ -14,17 +14,19 @@ A study file (TOML) has two tables::
 `load_study` checks every option and every grid configuration before anything runs.
 `run_sweep` submits one task per group of grid points that differ only by seed, trained together
 by `dynscope.ensemble` (groups are halved while workers would stay idle), or with
-``ensemble=False`` one task per grid point. Each run writes
-``<out_dir>/<name>.nc``, the name built from the swept values in the order of the ``[sweep]``
-table, for example ``loss-dce_width-8_seed-0.nc``.
+``ensemble=False`` one task per grid point. Each run writes ``<out_dir>/<name>.nc``, the name
+built from the swept values in the order of the ``[sweep]`` table, for example
+``loss-dce_width-8_seed-0.nc``.
 
-Running a sweep again is safe: a task first looks at its record, skips it when its status is
-"complete" or "diverged", resumes it from its last flush when it is "running" or "interrupted"
-(a killed worker leaves "running"), and starts it again when it has no resume state. A failing
-run is logged in one line with its parameters and error, and the others go on. A worker process
-that dies mid-run is handled by the scheduler, which reruns its tasks on another worker up to
-``distributed.scheduler.allowed-failures`` times (set to `ALLOWED_FAILURES` for the local
-cluster); past that the sweep itself resubmits the task up to `RESUBMISSIONS` times.
+Running a sweep again is safe. A record made with other options than its grid point (the study
+was edited) stops the sweep before anything runs. Otherwise a task first looks at its record,
+skips it when its status is "complete" or "diverged", resumes it from its last flush when it is
+"running" or "interrupted" (a killed worker leaves "running"), and starts it again when it has
+no resume state. A failing run is logged in one line with its parameters and error, and the
+others go on. A worker process that dies mid-run is handled by the scheduler, which reruns its
+tasks on another worker up to ``distributed.scheduler.allowed-failures`` times (set to
+`ALLOWED_FAILURES` for the local cluster); past that the sweep itself resubmits the task up to
+`RESUBMISSIONS` times.
 
 Cluster choice:
 
@@ -49,13 +51,17 @@ when its widest run does.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import logging
 import re
+import signal
 import sys
+import threading
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -304,6 +310,7 @@ def run_sweep(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     points = study.points()
+    _check_existing_records(points, out_dir)
     started = time.perf_counter()
     with _client(workers, scheduler) as client:
         if ensemble:
@@ -359,6 +366,38 @@ def _group_points(points: Sequence[GridPoint]) -> list[list[GridPoint]]:
     for point in points:
         groups.setdefault(point.config.replace(seed=0), []).append(point)
     return list(groups.values())
+
+
+def _check_existing_records(points: Sequence[GridPoint], out_dir: Path) -> None:
+    """Raise ValueError when a readable record in ``out_dir`` has other options than its point.
+
+    Skipping or resuming such a record would keep results of another study under this study's
+    name. Unreadable records are left to their tasks, which record them again.
+    """
+    from dynscope import store
+
+    for point in points:
+        path = out_dir / f"{point.name}.nc"
+        if not path.exists():
+            continue
+        try:
+            stored = store.record_info(path).config
+        except store.RecordError:
+            continue
+        expected = json.loads(point.config.to_json())
+        changed = sorted(
+            key for key in expected.keys() | stored.keys() if expected.get(key) != stored.get(key)
+        )
+        if changed:
+            differences = ", ".join(
+                f"{key} {stored.get(key)!r} in the record, {expected.get(key)!r} in the study"
+                for key in changed[:3]
+            )
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            raise ValueError(
+                f"record {path} was made with other options ({differences}{more}): give another "
+                "output folder, or delete the record to record it again"
+            )
 
 
 def _split_groups(groups: list[list[GridPoint]], threads: int) -> list[list[GridPoint]]:
@@ -485,14 +524,30 @@ def _client(workers: int, scheduler: str | None) -> _ClientHandle:
 
     # The scheduler reads this when it starts, so it must be set before LocalCluster.
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            host="127.0.0.1",
-        )
+        with _sigint_ignored():
+            # Worker processes inherit the ignored SIGINT, so Ctrl-C reaches only this process,
+            # which closes the cluster, instead of raising KeyboardInterrupt in every worker.
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                host="127.0.0.1",
+            )
     return _ClientHandle(Client(cluster), cluster)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT inside the block (in the main thread only, where handlers can change)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _run_groups(

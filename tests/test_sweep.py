@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -145,6 +147,21 @@ def test_sweep_ensemble_matches_single_runs(tmp_path: Path, scheduler: str) -> N
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-10)
 
 
+def test_sweep_rejects_record_of_edited_study(tmp_path: Path, scheduler: str) -> None:
+    from dynscope.recorder import record
+
+    old = _study({"width": [4]})
+    edited = _study({"width": [4]}, steps=40, amplitude=7.0)
+    path = tmp_path / f"{old.points()[0].name}.nc"
+    record(old.points()[0].config, path, quiet=True)
+
+    with pytest.raises(ValueError, match="made with other options") as raised:
+        run_sweep(edited, tmp_path, scheduler=scheduler, quiet=True)
+    assert "amplitude 5.0 in the record, 7.0 in the study" in str(raised.value)
+    assert "steps 30 in the record, 40 in the study" in str(raised.value)
+    assert store.open_record(path).sizes["step"] == 30
+
+
 def test_split_groups_fills_worker_threads() -> None:
     from dynscope.sweep import _group_points, _split_groups
 
@@ -234,3 +251,30 @@ def test_sweep_survives_killed_worker(tmp_path: Path) -> None:
         histories.append(record_data.attrs["history"])
         np.testing.assert_array_equal(record_data["step"].values, np.arange(6000))
     assert any("resumed" in history for history in histories)
+
+
+@pytest.mark.slow
+def test_sweep_command_ctrl_c_leaves_resumable_records(tmp_path: Path) -> None:
+    study = tmp_path / "study.toml"
+    study.write_text(
+        "[record]\nsteps = 30000\nhessian-every = 0\npoints-per-class = 20\n"
+        "flush-every = 200\n[sweep]\nwidth = [4, 8]\nseed = [0, 1]\n"
+    )
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "dynscope", "sweep", str(study), "-o", str(runs)]
+    # A new session stands in for the terminal: Ctrl-C signals its whole process group.
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+        path.stat().st_size > 0 for path in runs.glob("*.journal")
+    ):
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130
+    assert "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
+    infos = [store.record_info(path) for path in sorted(runs.glob("*.nc"))]
+    assert len(infos) == 4
+    assert all(info.can_resume for info in infos)
