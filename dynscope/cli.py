@@ -313,13 +313,15 @@ def sweep(
 @click.option(
     "--control",
     default=None,
-    help="Swept parameter for a bifurcation diagram across runs (lr, amplitude, width ...).",
+    help="Swept parameter for a bifurcation diagram across runs (lr, amplitude, width ...); "
+    "default: lr or amplitude, whichever the records differ in.",
 )
 @click.option("--quiet", is_flag=True, help="Do not print the summary.")
 def analyze(records: tuple[str, ...], output: str, control: str | None, quiet: bool) -> None:
     """Analyse one record (or several, across a swept parameter) into OUTPUT."""
 
     def action() -> int:
+        from dynscope import store
         from dynscope.analysis import report
 
         out_dir = Path(output)
@@ -337,7 +339,13 @@ def analyze(records: tuple[str, ...], output: str, control: str | None, quiet: b
             if len(paths) == 1 and control is None:
                 summary = report.analyze_record(paths[0], out_dir)
             else:
-                summary = report.analyze_runs(paths, out_dir, control=control or "lr")
+                summary = report.analyze_runs(paths, out_dir, control=control)
+        except store.RecordError as error:
+            if len(paths) == 1:
+                raise
+            raise ValueError(
+                f"{error}; remove it from the folder or list the records to analyse"
+            ) from None
         except RuntimeError as error:
             # netCDF4 reports a failed write (a full disk, a size limit) as a RuntimeError.
             if "NetCDF" not in str(error) and "HDF" not in str(error):

@@ -182,6 +182,19 @@ def test_bad_file_gives_one_line(
     assert time.monotonic() - started < 10
 
 
+def test_bad_file_in_folder_names_fix(tmp_path: Path, small_record: Path) -> None:
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    (folder / "good.nc").write_bytes(small_record.read_bytes())
+    _bad_record("truncated", folder, small_record)
+
+    result = CliRunner().invoke(main, ["analyze", str(folder), "-o", str(tmp_path / "out")])
+
+    assert result.exit_code == 2, result.output
+    assert "truncated.nc is truncated" in result.output
+    assert "remove it from the folder or list the records to analyse" in result.output
+
+
 @pytest.mark.parametrize("spectrum", ["full", "topk"])
 def test_sigterm_then_resume_matches_full_run(tmp_path: Path, spectrum: str) -> None:
     flags = ["--steps", "1500", "--points-per-class", "20", "--width", "12", "--period", "200",

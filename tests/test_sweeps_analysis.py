@@ -249,3 +249,40 @@ def test_format_summary_without_probes(
     assert "val accuracy (mean +- std, n)" in text
     assert "lambda_max (mean" not in text
     assert not (tmp_path / "lambda_max_width.png").exists()
+
+
+def test_records_of_mixed_studies_rejected(records: dict[tuple[str, int, int], Path]) -> None:
+    # Two studies, one over loss and width, one over lr and amplitude: no common grid.
+    datasets = [_relabel(path) for path in records.values()]
+    datasets += [
+        _relabel(records[("ce", 4, seed)], lr=lr, amplitude=amplitude)
+        for seed in SEEDS
+        for lr in (0.1, 0.2, 0.3)
+        for amplitude in (1.0, 2.0)
+    ]
+    with pytest.raises(ValueError, match="do not form one grid") as raised:
+        sweep_table(datasets)
+    assert "amplitude, loss, lr, width" in str(raised.value)
+
+
+def test_analyze_runs_without_lr_or_amplitude_sweep(
+    records: dict[tuple[str, int, int], Path], tmp_path: Path
+) -> None:
+    summary = analyze_runs(list(records.values()), tmp_path)
+    text = format_summary(summary)
+    assert summary["control"] is None
+    assert "runs.nc" not in summary["files"]
+    assert not (tmp_path / "bifurcation_runs.png").exists()
+    assert (tmp_path / "accuracy_width.png").is_file()
+    assert text.splitlines()[0] == f"{len(records)} runs:"
+    assert "  loss-ce_width-4_seed-0.nc: loss " in text
+
+
+def test_analyze_runs_defaults_to_swept_lr(
+    records: dict[tuple[str, int, int], Path], tmp_path: Path
+) -> None:
+    rates = {"ce": 0.1, "dce": 1.0}
+    datasets = [_relabel(path, lr=rates[loss], loss="ce") for (loss, _, _), path in records.items()]
+    summary = analyze_runs(datasets, tmp_path)
+    assert summary["control"] == "lr"
+    assert (tmp_path / "bifurcation_runs.png").is_file()

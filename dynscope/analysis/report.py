@@ -167,7 +167,7 @@ def analyze_record(
 def analyze_runs(
     records: Sequence[str | Path | xr.Dataset],
     out_dir: str | Path,
-    control: str,
+    control: str | None = None,
     *,
     observable: str = "dF",
     window: int = 64,
@@ -177,7 +177,9 @@ def analyze_runs(
     """Draw a bifurcation diagram across runs against a swept option, and tabulate the sweep.
 
     Each run contributes the last `window` values of the observable; `control` is read from the
-    record attributes (or the config JSON). Writes ``runs.nc``, ``bifurcation_runs.png``,
+    record attributes (or the config JSON). Without `control`, the diagram is drawn against lr
+    when the records differ in lr, else against amplitude when they differ in amplitude, and
+    not at all otherwise. Writes ``runs.nc`` and ``bifurcation_runs.png`` (with a diagram),
     ``sweep.nc`` (final values per run and their seed statistics, see `sweep_table`), the sweep
     figures that apply to the swept options and ``summary.json`` into `out_dir`, and returns
     the summary.
@@ -187,13 +189,15 @@ def analyze_runs(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    loaded = [_load(record) for record in records]
+    all_attributes = [_flat_attributes(dataset) for dataset, _ in loaded]
+    if control is None:
+        control = _default_control(all_attributes)
     runs: list[dict[str, Any]] = []
     windows = []
-    for record in records:
-        dataset, source = _load(record)
-        attributes = _flat_attributes(dataset)
-        value = attributes.get(control)
-        if value is None:
+    for (dataset, source), attributes in zip(loaded, all_attributes, strict=True):
+        value = attributes.get(control) if control is not None else None
+        if control is not None and value is None:
             raise ValueError(
                 f"record {source} has no option {control!r}: pass --control with an option the "
                 "records were swept over (lr, amplitude, width ...)"
@@ -207,7 +211,7 @@ def analyze_runs(
         runs.append(
             {
                 "name": source,
-                "control_value": float(value),
+                "control_value": float(value) if value is not None else None,
                 "status": dataset.attrs.get("status"),
                 "loss_final": _last(dataset, "loss"),
                 "lambda_max_final": float(probes[1][-1, 0]) if probes is not None else None,
@@ -215,6 +219,51 @@ def analyze_runs(
             }
         )
 
+    # First, because it rejects records that do not form one grid before anything is written.
+    sweep = _analyze_sweep(records, out_dir)
+    files = ["summary.json"]
+    if control is not None:
+        _write_diagram_across_runs(
+            runs, windows, control, out_dir, observable, window, max_period, rtol
+        )
+        files.extend(["runs.nc", "bifurcation_runs.png"])
+
+    with_sharpness = [run for run in runs if run["lambda_max_final"] is not None]
+    reductions = curvature_reduction(with_sharpness)
+    summary = _json_ready(
+        {
+            "control": control,
+            "observable": observable,
+            "runs": runs,
+            "curvature_reduction": [asdict(reduction) for reduction in reductions],
+            "files": files,
+        }
+    )
+    summary["files"].extend(sweep.pop("files"))
+    summary["sweep"] = _json_ready(sweep)
+    _write_text_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _default_control(all_attributes: list[dict[str, Any]]) -> str | None:
+    """Return lr or amplitude, the first one whose value differs between runs, or None."""
+    for option in ("lr", "amplitude"):
+        if len({attributes.get(option) for attributes in all_attributes}) > 1:
+            return option
+    return None
+
+
+def _write_diagram_across_runs(
+    runs: list[dict[str, Any]],
+    windows: list[np.ndarray],
+    control: str,
+    out_dir: Path,
+    observable: str,
+    window: int,
+    max_period: int,
+    rtol: float | None,
+) -> None:
+    """Write ``runs.nc`` and ``bifurcation_runs.png``; set each run's ``final_period``."""
     diagram = bifurcation_across_runs(
         windows,
         [run["control_value"] for run in runs],
@@ -233,23 +282,6 @@ def analyze_runs(
         control=control,
         ylabel=observable,
     )
-
-    with_sharpness = [run for run in runs if run["lambda_max_final"] is not None]
-    reductions = curvature_reduction(with_sharpness)
-    summary = _json_ready(
-        {
-            "control": control,
-            "observable": observable,
-            "runs": runs,
-            "curvature_reduction": [asdict(reduction) for reduction in reductions],
-            "files": ["summary.json", "runs.nc", "bifurcation_runs.png"],
-        }
-    )
-    sweep = _analyze_sweep(records, out_dir)
-    summary["files"].extend(sweep.pop("files"))
-    summary["sweep"] = _json_ready(sweep)
-    _write_text_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def _analyze_sweep(records: Sequence[str | Path | xr.Dataset], out_dir: Path) -> dict[str, Any]:
@@ -453,11 +485,18 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def _format_runs(summary: dict[str, Any]) -> str:
     control = summary["control"]
-    lines = [f"{len(summary['runs'])} runs against {control}:"]
+    against = f" against {control}" if control is not None else ""
+    lines = [f"{len(summary['runs'])} runs{against}:"]
     for run in summary["runs"]:
+        position = ""
+        if control is not None:
+            position = (
+                f"{control}={_number(run['control_value'])}, final period {run['final_period']}, "
+            )
+        status = "" if run["status"] == "complete" else f" (status {run['status']})"
         lines.append(
-            f"  {control}={_number(run['control_value'])}: final period {run['final_period']}, "
-            f"loss {_number(run['loss_final'])}, lambda_max {_number(run['lambda_max_final'])}"
+            f"  {Path(run['name']).name}: {position}loss {_number(run['loss_final'])}, "
+            f"lambda_max {_number(run['lambda_max_final'])}{status}"
         )
     for reduction in summary.get("curvature_reduction", []):
         lines.append(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -318,6 +319,15 @@ def _grid(runs: list[_Run]) -> _Grid:
             )
         occupied[position] = run.source
         positions.append(position)
+
+    cells = math.prod(len(values[option]) for option in options)
+    filled = len({position[:-1] for position in positions})
+    if 2 * filled < cells:
+        raise ValueError(
+            f"the records do not form one grid: they differ in {', '.join(options)}, and only "
+            f"{filled} of those {cells} combinations have records; analyse the records of each "
+            "study on their own"
+        )
     return _Grid(options, values, tuple(positions))
 
 
