@@ -166,7 +166,8 @@ def main(verbose: bool) -> None:
     "ensemble_size",
     type=int,
     default=0,
-    help="Train N seeds (seed, seed+1, ...) together with vmap; --output is then a folder.",
+    help="Train N seeds (seed, seed+1, ...) together in one process; --output is then a folder "
+    "of one record per seed. 0 (the default) records one run.",
 )
 @_record_options
 def record(
@@ -248,6 +249,15 @@ def _record_ensemble(
     results = record_ensemble(config, seeds, folder, force=force, quiet=quiet)
     for result in results:
         click.echo(f"{result.path}: {result.status}, {result.last_step + 1} steps", err=True)
+    statuses = {result.status for result in results}
+    if "interrupted" in statuses:
+        click.echo(
+            f"Interrupted; continue each member alone with: dynscope record --resume -o "
+            f"{folder}/seed-N.nc",
+            err=True,
+        )
+    if "diverged" in statuses:
+        click.echo("Some members diverged; lower --lr or the amplitude.", err=True)
     return max(result.exit_code for result in results)
 
 

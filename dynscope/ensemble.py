@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -117,6 +118,7 @@ def record_ensemble(
         For invalid options, seeds or output paths, before any file is created.
     """
     seeds = _check_seeds(seeds)
+    _check_open_files(len(seeds))
     paths = _output_paths(outputs, seeds)
     members = [config.replace(seed=seed).validate() for seed in seeds]
     for path in paths:
@@ -137,6 +139,23 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"repeated seed in {seeds}: give each member its own seed")
     return seeds
+
+
+# Files each member's writer keeps open (its journal and its lock), and a margin for the rest
+# of the process (Python, torch, netCDF and HDF5 while a file is being written).
+_FILES_PER_MEMBER = 2
+_OTHER_OPEN_FILES = 64
+
+
+def _check_open_files(count: int) -> None:
+    """Raise ValueError when ``count`` members would exceed the limit on open files."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    needed = count * _FILES_PER_MEMBER + _OTHER_OPEN_FILES
+    if limit != resource.RLIM_INFINITY and needed > limit:
+        raise ValueError(
+            f"an ensemble of {count} seeds keeps about {needed} files open, above this "
+            f"process's limit of {limit}: raise the limit (ulimit -n) or use fewer seeds"
+        )
 
 
 def _output_paths(outputs: str | Path | Sequence[str | Path], seeds: list[int]) -> list[Path]:

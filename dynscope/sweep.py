@@ -516,6 +516,10 @@ def _client(workers: int, scheduler: str | None) -> _ClientHandle:
     if scheduler is not None:
         try:
             return _ClientHandle(Client(scheduler, timeout="20s"))
+        except ValueError as error:
+            raise ValueError(
+                f"invalid scheduler address {scheduler!r}: {error}; give tcp://HOST:PORT"
+            ) from None
         except OSError as error:
             raise ValueError(
                 f"cannot connect to the Dask scheduler at {scheduler}: {error}; check the address "

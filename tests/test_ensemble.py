@@ -221,3 +221,14 @@ def test_ensemble_checks_sizes_before_files(tmp_path: Path, changes: dict, messa
         record_ensemble(TINY.replace(**changes), SEEDS, tmp_path, quiet=True)
 
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ensemble_checks_open_file_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (100, 100))
+    with pytest.raises(
+        ValueError, match=r"about 124 files open, above this process's limit of 100"
+    ):
+        record_ensemble(TINY, range(30), tmp_path, quiet=True)
+    assert list(tmp_path.iterdir()) == []

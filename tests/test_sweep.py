@@ -278,3 +278,8 @@ def test_sweep_command_ctrl_c_leaves_resumable_records(tmp_path: Path) -> None:
     infos = [store.record_info(path) for path in sorted(runs.glob("*.nc"))]
     assert len(infos) == 4
     assert all(info.can_resume for info in infos)
+
+
+def test_sweep_rejects_malformed_scheduler_address(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="invalid scheduler address 'nonsense'.*tcp://HOST:PORT"):
+        run_sweep(_study({"width": [4]}), tmp_path, scheduler="nonsense", quiet=True)
