@@ -185,11 +185,13 @@ def plot_against_width(
     *,
     ylabel: str,
     title: str | None = None,
+    edge: float | None = None,
 ) -> Path:
     """Draw one line per group (a loss) of a value against width, with a +- std band.
 
     `mean` and `std` have shape (group, width); a NaN std draws no band at that width. The x
-    axis is logarithmic in base 2 with a tick at each width.
+    axis is logarithmic in base 2 with a tick at each width. `edge`, when given, is the edge of
+    stability 2/lr, drawn as a dashed horizontal line.
     """
     widths = np.asarray(widths, dtype=float)
     mean = np.atleast_2d(np.asarray(mean, dtype=float))
@@ -201,13 +203,15 @@ def plot_against_width(
         axis.fill_between(
             widths, mean[row] - band, mean[row] + band, color=line.get_color(), alpha=0.2, lw=0
         )
+    if edge is not None:
+        axis.axhline(edge, color="0.4", ls="--", lw=1, label=f"2/lr = {edge:g}")
     axis.set_xscale("log", base=2)
     axis.set_xticks(widths, [f"{width:g}" for width in widths])
     axis.set_xlabel("width")
     axis.set_ylabel(ylabel)
     if title:
         axis.set_title(title, fontsize=9)
-    if len(labels) > 1 or labels[0]:
+    if len(labels) > 1 or labels[0] or edge is not None:
         axis.legend(fontsize=7)
     return _save(figure, path)
 

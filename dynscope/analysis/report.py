@@ -32,7 +32,7 @@ from dynscope.analysis.exploration import exploration, step_alignment
 from dynscope.analysis.periods import cascades_by_cycle, period_doubling_events, period_track
 from dynscope.analysis.sharpness import curvature_reduction, longest_stretch_near_edge, sharpness
 from dynscope.analysis.stability import edge_of_stability_lag, edge_of_stability_per_cycle
-from dynscope.analysis.sweeps import mean_curves, seed_statistics, sweep_table
+from dynscope.analysis.sweeps import mean_curves, record_configs, seed_statistics, sweep_table
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +294,10 @@ def _analyze_sweep(records: Sequence[str | Path | xr.Dataset], out_dir: Path) ->
 
     seeds = table.sizes["seed"]
     if "width" in options:
-        files.extend(_draw_width_figures(statistics, out_dir, seeds))
+        rates = {config.get("lr") for config in record_configs(records)}
+        rate = rates.pop() if len(rates) == 1 else None
+        edge = 2.0 / float(rate) if rate else None
+        files.extend(_draw_width_figures(statistics, out_dir, seeds, edge))
     if "amplitude" in options and "period" in options:
         files.extend(_draw_phase_diagrams(table, statistics, out_dir, seeds))
     if "width" in options and "lr" in options:
@@ -331,8 +334,13 @@ def _option_text(value: Any) -> str:
     return format(value, "g") if isinstance(value, float) else str(value)
 
 
-def _draw_width_figures(statistics: xr.Dataset, out_dir: Path, seeds: int) -> list[str]:
-    """Draw final val accuracy and final lambda_max against width, one line per other option."""
+def _draw_width_figures(
+    statistics: xr.Dataset, out_dir: Path, seeds: int, edge: float | None
+) -> list[str]:
+    """Draw final val accuracy and final lambda_max against width, one line per other option.
+
+    ``edge`` is 2/lr when every run has the same lr; the lambda_max figure marks it.
+    """
     files = []
     figures = {
         "final_val_accuracy": ("accuracy_width.png", "final val accuracy"),
@@ -351,6 +359,7 @@ def _draw_width_figures(statistics: xr.Dataset, out_dir: Path, seeds: int) -> li
             [label for label, _ in groups],
             ylabel=ylabel,
             title=f"mean over {seeds} seeds, band: +- std",
+            edge=edge if name == "final_lambda_max" else None,
         )
         files.append(file_name)
     return files

@@ -280,6 +280,11 @@ def mean_curves(records: Sequence[Record], variable: str) -> xr.Dataset:
     return dataset
 
 
+def record_configs(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Return the stored options of each record, read without loading its data."""
+    return [run.config for run in _headers(records)]
+
+
 def _headers(records: Sequence[Record]) -> list[_Run]:
     """Read the config and status of every record without loading its data."""
     if isinstance(records, (str, os.PathLike, xr.Dataset)):
