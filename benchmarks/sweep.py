@@ -87,13 +87,20 @@ def time_grid(grid_steps: int, workers: int, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=500, help="Steps of each ensemble run.")
     parser.add_argument(
         "--grid-steps", type=int, default=1500, help="Steps of each grid run (0: no grid)."
     )
     parser.add_argument("--repeats", type=int, default=3, help="Repeats per measurement.")
-    parser.add_argument("--widths", default="16,100", help="Comma-separated ensemble widths.")
+    parser.add_argument(
+        "--widths",
+        default="16,100",
+        help="Hidden-layer widths of the ensemble runs, comma-separated.",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, load average at start: {os.getloadavg()[0]:.2f}")

@@ -368,13 +368,29 @@ def analyze(records: tuple[str, ...], output: str, control: str | None, quiet: b
     _run_safely(action)
 
 
+# netCDF files that `analyze` writes; a folder analysed into itself holds them beside its records.
+ANALYSIS_FILES = ("analysis.nc", "runs.nc", "sweep.nc", "curves.nc")
+
+
 def _expand_records(records: tuple[str, ...]) -> list[Path]:
-    """Expand folders into the records they contain, in name order."""
+    """Expand folders into the records they contain, in name order.
+
+    A folder's analysis outputs (`ANALYSIS_FILES` that are not records) are left out.
+    """
+    from dynscope import store
+
     paths: list[Path] = []
     for name in records:
         path = Path(name)
         if path.is_dir():
-            found = sorted(path.glob("*.nc"))
+            found = []
+            for candidate in sorted(path.glob("*.nc")):
+                if candidate.name in ANALYSIS_FILES:
+                    try:
+                        store.record_info(candidate)
+                    except store.RecordError:
+                        continue
+                found.append(candidate)
             if not found:
                 raise ValueError(f"no records (*.nc) found in folder {path}")
             paths.extend(found)

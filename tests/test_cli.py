@@ -182,6 +182,25 @@ def test_bad_file_gives_one_line(
     assert time.monotonic() - started < 10
 
 
+def test_analyze_folder_into_itself_twice(tmp_path: Path, small_record: Path) -> None:
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    (folder / "seed-0.nc").write_bytes(small_record.read_bytes())
+    runner = CliRunner()
+    recorded = runner.invoke(
+        main, ["record", *SMALL_FLAGS, "--seed", "1", "-o", str(folder / "seed-1.nc")]
+    )
+    assert recorded.exit_code == 0, recorded.output
+
+    first = runner.invoke(main, ["analyze", str(folder), "-o", str(folder), "--control", "seed"])
+    second = runner.invoke(main, ["analyze", str(folder), "-o", str(folder), "--control", "seed"])
+
+    assert first.exit_code == 0, first.output
+    assert (folder / "runs.nc").is_file()
+    assert second.exit_code == 0, second.output
+    assert "2 runs against seed" in second.output
+
+
 def test_bad_file_in_folder_names_fix(tmp_path: Path, small_record: Path) -> None:
     folder = tmp_path / "runs"
     folder.mkdir()
