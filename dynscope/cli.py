@@ -289,11 +289,12 @@ def sweep(
         from dynscope.sweep import load_study, run_sweep
 
         if not logging.getLogger().isEnabledFor(logging.INFO):
-            # Dask logs its start-up and shutdown at INFO (-v shows them). Importing distributed
-            # sets its loggers from Dask's config, so the level is lowered after the import.
+            # Dask logs its start-up and shutdown at INFO, and the cleanup after Ctrl-C at
+            # WARNING; -v shows them. Importing distributed sets its loggers from Dask's config,
+            # so the level is raised after the import.
             import distributed  # noqa: F401
 
-            logging.getLogger("distributed").setLevel(logging.WARNING)
+            logging.getLogger("distributed").setLevel(logging.ERROR)
         study = load_study(study_path)
         try:
             result = run_sweep(

@@ -537,6 +537,9 @@ def _client(workers: int, scheduler: str | None) -> _ClientHandle:
                 processes=True,
                 dashboard_address=None,
                 host="127.0.0.1",
+                # Workers log task cancellations at WARNING when a sweep is interrupted; they
+                # show only where INFO logging is on (dynscope -v).
+                silence_logs=logging.INFO if logger.isEnabledFor(logging.INFO) else logging.ERROR,
             )
     return _ClientHandle(Client(cluster), cluster)
 
