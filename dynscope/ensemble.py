@@ -312,6 +312,7 @@ def _mlp_step_function(
     full_batch = ensemble.config.optimizer == "gd"
 
     workspace = _Workspace()
+    one_hots = _OneHotCache()
 
     extended_inputs: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -372,7 +373,12 @@ def _mlp_step_function(
             params, data["x_batch"], data["x_batch_extended"], "batch", gates
         )
         objective_value, error_by_class, static_batch = _stacked_loss(
-            loss_name, batch_outputs.mT, data["y_batch"], gamma, True
+            loss_name,
+            batch_outputs.mT,
+            data["y_batch"],
+            gamma,
+            True,
+            one_hots.get(data["y_batch"], batch_outputs.mT),
         )
         assert error_by_class is not None
         error = error_by_class.mT
