@@ -6,10 +6,11 @@ with 1, a diverged run with 3, an interrupted one with 130 (SIGINT) or 143 (SIGT
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,18 @@ OPTION_HELP = {
 EXIT_USAGE = 2
 EXIT_WRITE_FAILED = 1
 EXIT_SIGINT = 130
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(folder: Path) -> Iterator[None]:
+    """Remove ``folder`` when the block fails, if the block created it and left it empty."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
 
 
 def _run_safely(action: Callable[[], int | None]) -> None:
@@ -191,8 +204,11 @@ def record(
         values: dict[str, Any] = load_toml(config_path) if config_path else {}
         values.update(flag_values)
         config = RecordConfig.from_dict(values).validate()
+        given = {key.replace("-", "_") for key in values}
         for option in config.ignored_options():
-            click.echo(f"Warning: {option} has no effect", err=True)
+            # Only options the user set: the default amplitude is no reason to warn.
+            if option.split()[0].removeprefix("--").replace("-", "_") in given:
+                click.echo(f"Warning: {option} has no effect", err=True)
         if resume and force:
             raise ValueError("--resume and --force contradict each other; pass only one")
         if ensemble_size < 0:
@@ -207,7 +223,7 @@ def record(
             click.echo(
                 f"Error: training diverged at step {result.last_step + 1} "
                 f"(loss = {result.diverged_value}); steps before it are kept in {result.path}. "
-                "Lower --lr or the amplitude.",
+                + ("Lower --lr or the amplitude." if config.is_dynamical else "Lower --lr."),
                 err=True,
             )
         elif result.status == "interrupted":
@@ -244,9 +260,10 @@ def _record_ensemble(
         raise ValueError(
             f"output {folder} is a file; --ensemble writes one record per seed, so give a folder"
         )
-    folder.mkdir(exist_ok=True)
     seeds = range(config.seed, config.seed + size)
-    results = record_ensemble(config, seeds, folder, force=force, quiet=quiet)
+    with _removed_if_left_empty(folder):
+        folder.mkdir(exist_ok=True)
+        results = record_ensemble(config, seeds, folder, force=force, quiet=quiet)
     for result in results:
         click.echo(f"{result.path}: {result.status}, {result.last_step + 1} steps", err=True)
     statuses = {result.status for result in results}
@@ -257,7 +274,8 @@ def _record_ensemble(
             err=True,
         )
     if "diverged" in statuses:
-        click.echo("Some members diverged; lower --lr or the amplitude.", err=True)
+        fix = "lower --lr or the amplitude" if config.is_dynamical else "lower --lr"
+        click.echo(f"Some members diverged; {fix}.", err=True)
     return max(result.exit_code for result in results)
 
 
@@ -332,13 +350,22 @@ def analyze(records: tuple[str, ...], output: str, control: str | None, quiet: b
     """Analyse one record (or several, across a swept parameter) into OUTPUT."""
 
     def action() -> int:
-        from dynscope import store
         from dynscope.analysis import report
 
         out_dir = Path(output)
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"output {out_dir} is a file; give a folder for the analysis")
         paths = _expand_records(records)
+        with _removed_if_left_empty(out_dir):
+            summary = analyze_into(out_dir, paths)
+        if not quiet:
+            click.echo(report.format_summary(summary))
+        return 0
+
+    def analyze_into(out_dir: Path, paths: list[Path]) -> dict[str, Any]:
+        from dynscope import store
+        from dynscope.analysis import report
+
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -362,14 +389,13 @@ def analyze(records: tuple[str, ...], output: str, control: str | None, quiet: b
             if "NetCDF" not in str(error) and "HDF" not in str(error):
                 raise
             raise OSError(f"cannot write the analysis to {out_dir}: {error}") from error
-        if not quiet:
-            click.echo(report.format_summary(summary))
-        return 0
+        return summary
 
     _run_safely(action)
 
 
-# netCDF files that `analyze` writes; a folder analysed into itself holds them beside its records.
+# netCDF files that `analyze` writes; a folder analysed into itself contains them beside its
+# records.
 ANALYSIS_FILES = ("analysis.nc", "runs.nc", "sweep.nc", "curves.nc")
 
 

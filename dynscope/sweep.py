@@ -307,12 +307,13 @@ def run_sweep(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output {out_dir} is a file; give a folder for the records")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     points = study.points()
     _check_existing_records(points, out_dir)
     started = time.perf_counter()
     with _client(workers, scheduler) as client:
+        # Created only now, so that a sweep that cannot start leaves no empty folder behind.
+        out_dir.mkdir(parents=True, exist_ok=True)
         if ensemble:
             threads = sum(client.nthreads().values())
             groups = _split_groups(_group_points(points), threads)
@@ -368,6 +369,10 @@ def _group_points(points: Sequence[GridPoint]) -> list[list[GridPoint]]:
     return list(groups.values())
 
 
+# Options that change how a record is stored, not what it contains; a rerun may change them.
+STORAGE_OPTIONS = frozenset({"flush_every", "compression"})
+
+
 def _check_existing_records(points: Sequence[GridPoint], out_dir: Path) -> None:
     """Raise ValueError when a readable record in ``out_dir`` has other options than its point.
 
@@ -376,6 +381,7 @@ def _check_existing_records(points: Sequence[GridPoint], out_dir: Path) -> None:
     """
     from dynscope import store
 
+    mismatched: list[tuple[Path, list[str], dict[str, Any], dict[str, Any]]] = []
     for point in points:
         path = out_dir / f"{point.name}.nc"
         if not path.exists():
@@ -386,18 +392,29 @@ def _check_existing_records(points: Sequence[GridPoint], out_dir: Path) -> None:
             continue
         expected = json.loads(point.config.to_json())
         changed = sorted(
-            key for key in expected.keys() | stored.keys() if expected.get(key) != stored.get(key)
+            key
+            for key in expected.keys() | stored.keys()
+            if key not in STORAGE_OPTIONS and expected.get(key) != stored.get(key)
         )
         if changed:
-            differences = ", ".join(
-                f"{key} {stored.get(key)!r} in the record, {expected.get(key)!r} in the study"
-                for key in changed[:3]
-            )
-            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-            raise ValueError(
-                f"record {path} was made with other options ({differences}{more}): give another "
-                "output folder, or delete the record to record it again"
-            )
+            mismatched.append((path, changed, stored, expected))
+    if not mismatched:
+        return
+    path, changed, stored, expected = mismatched[0]
+    differences = ", ".join(
+        f"{key} {stored.get(key)!r} in the record, {expected.get(key)!r} in the study"
+        for key in changed[:3]
+    )
+    more_options = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    if len(mismatched) == 1:
+        subject, fix = f"record {path} was", "delete the record to record it again"
+    else:
+        subject = f"record {path} and {len(mismatched) - 1} other records were"
+        fix = "delete those records to record them again"
+    raise ValueError(
+        f"{subject} made with other options ({differences}{more_options}): give another output "
+        f"folder, or {fix}"
+    )
 
 
 def _split_groups(groups: list[list[GridPoint]], threads: int) -> list[list[GridPoint]]:

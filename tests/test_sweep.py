@@ -162,6 +162,30 @@ def test_sweep_rejects_record_of_edited_study(tmp_path: Path, scheduler: str) ->
     assert store.open_record(path).sizes["step"] == 30
 
 
+def test_sweep_counts_records_of_edited_study(tmp_path: Path, scheduler: str) -> None:
+    from dynscope.recorder import record
+
+    old = _study({"width": [4, 8]})
+    for point in old.points():
+        record(point.config, tmp_path / f"{point.name}.nc", quiet=True)
+    storage_only = _study({"width": [4, 8]}, flush_every=20)
+    edited = _study({"width": [4, 8]}, lr=0.25)
+
+    rerun = run_sweep(storage_only, tmp_path, scheduler=scheduler, quiet=True)
+    with pytest.raises(ValueError, match="and 1 other records were made") as raised:
+        run_sweep(edited, tmp_path, scheduler=scheduler, quiet=True)
+
+    assert rerun.counts() == {"skipped": 2}
+    assert "delete those records" in str(raised.value)
+
+
+def test_sweep_that_cannot_start_creates_no_folder(tmp_path: Path) -> None:
+    output = tmp_path / "runs"
+    with pytest.raises(ValueError, match="invalid scheduler address"):
+        run_sweep(_study({"width": [4]}), output, scheduler="nonsense", quiet=True)
+    assert not output.exists()
+
+
 def test_split_groups_fills_worker_threads() -> None:
     from dynscope.sweep import _group_points, _split_groups
 

@@ -499,9 +499,9 @@ def _format_runs(summary: dict[str, Any]) -> str:
     for run in summary["runs"]:
         position = ""
         if control is not None:
-            position = (
-                f"{control}={_number(run['control_value'])}, final period {run['final_period']}, "
-            )
+            # Period 0: no period up to the maximum fits the last window (aperiodic).
+            period = run["final_period"] or "none (aperiodic)"
+            position = f"{control}={_number(run['control_value'])}, final period {period}, "
         status = "" if run["status"] == "complete" else f" (status {run['status']})"
         lines.append(
             f"  {Path(run['name']).name}: {position}loss {_number(run['loss_final'])}, "
