@@ -204,10 +204,10 @@ def record(
         values: dict[str, Any] = load_toml(config_path) if config_path else {}
         values.update(flag_values)
         config = RecordConfig.from_dict(values).validate()
-        given = {key.replace("-", "_") for key in values}
+        user_options = {key.replace("-", "_") for key in values}
         for option in config.ignored_options():
             # Only options the user set: the default amplitude is no reason to warn.
-            if option.split()[0].removeprefix("--").replace("-", "_") in given:
+            if option.split()[0].removeprefix("--").replace("-", "_") in user_options:
                 click.echo(f"Warning: {option} has no effect", err=True)
         if resume and force:
             raise ValueError("--resume and --force contradict each other; pass only one")

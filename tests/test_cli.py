@@ -201,18 +201,18 @@ def test_analyze_folder_into_itself_twice(tmp_path: Path, small_record: Path) ->
     assert "2 runs against seed" in second.output
 
 
-def test_static_loss_warns_only_for_given_amplitude(tmp_path: Path) -> None:
+def test_static_loss_warns_for_set_amplitude(tmp_path: Path) -> None:
     flags = ["--steps", "5", "--points-per-class", "10", "--hessian-every", "0", "--quiet"]
     runner = CliRunner()
 
     default = runner.invoke(main, ["record", *flags, "--loss", "mse", "-o", str(tmp_path / "a")])
-    given = runner.invoke(
+    explicit = runner.invoke(
         main, ["record", *flags, "--loss", "mse", "--amplitude", "5", "-o", str(tmp_path / "b")]
     )
 
     assert default.exit_code == 0, default.output
     assert "has no effect" not in default.output
-    assert "Warning: --amplitude 5.0 (loss mse is static) has no effect" in given.output
+    assert "Warning: --amplitude 5.0 (loss mse is static) has no effect" in explicit.output
 
 
 def test_bad_file_in_folder_names_fix(tmp_path: Path, small_record: Path) -> None:

@@ -154,7 +154,7 @@ def test_factored_step_equals_vmapped_autograd(tmp_path: Path, changes: dict) ->
     [{"activation": "tanh"}, {"depth": 2}, {"width": 8}],
     ids=["tanh", "two-hidden-layers", "narrower-than-9-rows"],
 )
-def test_factored_step_only_for_wide_one_hidden_relu_layer(tmp_path: Path, changes: dict) -> None:
+def test_factored_step_rejects_other_networks(tmp_path: Path, changes: dict) -> None:
     from dynscope import ensemble as ensemble_module
 
     config = TINY.replace(**{"width": 12, **changes})

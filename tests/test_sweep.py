@@ -286,7 +286,7 @@ def test_sweep_command_ctrl_c_leaves_resumable_records(tmp_path: Path) -> None:
     )
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "dynscope", "sweep", str(study), "-o", str(runs)]
-    # A new session stands in for the terminal: Ctrl-C signals its whole process group.
+    # A new session plays the terminal's part: Ctrl-C signals its whole process group.
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(
