@@ -286,8 +286,16 @@ def test_sweep_command_ctrl_c_leaves_resumable_records(tmp_path: Path) -> None:
     )
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "dynscope", "sweep", str(study), "-o", str(runs)]
-    # A new session plays the terminal's part: Ctrl-C signals its whole process group.
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A new session plays the terminal's part: Ctrl-C signals its whole process group. A shell
+    # that starts a job in the background sets SIGINT to ignored, which the child would inherit,
+    # so the child gets the default action back before it starts Python.
+    process = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(
         path.stat().st_size > 0 for path in runs.glob("*.journal")
