@@ -496,10 +496,10 @@ def _factored_step_function(
 
     def extended_samples(parts: list[Tensor]) -> Tensor:
         """Return the parts' samples, each with a constant 1 appended, as (K, d + 1, samples)."""
-        ones = torch.ones(*parts[0].shape[:2], 1, dtype=parts[0].dtype, device=parts[0].device)
-        extended = [
-            torch.cat([part, ones[:, :1].expand(-1, part.shape[1], -1)], 2) for part in parts
-        ]
+        one = torch.ones(parts[0].shape[0], 1, 1, dtype=parts[0].dtype, device=parts[0].device)
+        extended = []
+        for part in parts:
+            extended.append(torch.cat([part, one.expand(-1, part.shape[1], -1)], dim=2))
         return torch.cat(extended, dim=1).mT.contiguous()
 
     def step(
